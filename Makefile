@@ -1,15 +1,17 @@
-# The interface: make train | sample | eval | test | bench | clean.
+# The interface: make train | sample | eval | test | sweep | bench | train-ddp | clean.
 #   ARGS="--steps 500 --hole 12"   passes flags to ddim_inpaint.py
 #   PYTHON=python3                 uses an existing environment instead of creating .venv
+#   NPROC=2                        processes for train-ddp
 PYTHON ?= .venv/bin/python
 ARGS ?=
+NPROC ?= 2
 
 # Only the default PYTHON needs the virtual environment, made once from requirements.txt.
 ifeq ($(PYTHON),.venv/bin/python)
 ENV := .venv/.installed
 endif
 
-.PHONY: train sample eval test bench clean
+.PHONY: train sample eval test sweep bench train-ddp clean
 
 train: $(ENV)
 	$(PYTHON) ddim_inpaint.py train $(ARGS)
@@ -23,8 +25,18 @@ eval: $(ENV)
 test: $(ENV)
 	$(PYTHON) -m pytest -q tests $(ARGS)
 
+# Quality against NFE, uncertainty and trajectory pictures from the trained model (about 6 min).
+sweep: $(ENV)
+	$(PYTHON) ddim_inpaint.py sweep $(ARGS)
+
+# Kernel benchmark, then U-Net training/sampling throughput.
 bench: $(ENV)
-	$(PYTHON) kernels.py bench $(ARGS)
+	$(PYTHON) kernels.py bench
+	$(PYTHON) ddim_inpaint.py bench $(ARGS)
+
+# Data-parallel training: NPROC processes on one machine (gloo on CPU, nccl on GPUs).
+train-ddp: $(ENV)
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) ddim_inpaint.py train $(ARGS)
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv

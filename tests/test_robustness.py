@@ -1,0 +1,285 @@
+"""Hard knocks, driven through the command line as a user would: bad input, interrupted and killed
+runs, untrusted checkpoints, your own digits, and determinism."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddim_inpaint as di
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "mnist5k", "--base-ch", "8", "--ch-mult", "1,2", "--batch-size", "16", "--steps", "4",
+        "--warmup", "2", "--panel-every", "0", "--ckpt-every", "2", "--amp", "off"]
+FAST_SAMPLING = ["--data", "mnist5k", "--ddim-steps", "2", "--n-eval", "8", "--num-samples", "1"]
+
+
+def cli(*args, timeout=300):
+    """Run `python ddim_inpaint.py ARGS` in a fresh process; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "ddim_inpaint.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, code: int, *words):
+    err = proc.stderr.strip()
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}; stderr: {err}"
+    assert "Traceback" not in err, f"traceback shown without --debug:\n{err}"
+    last = err.splitlines()[-1] if err else ""
+    assert last.startswith("error: "), f"no one-line error: {err!r}"
+    for word in words:
+        assert word in last, f"{word!r} missing from {last!r}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run folder, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("trained")
+    assert di.main(["train", *TINY, "--out-dir", str(out)]) == 0
+    return out
+
+
+# --- bad input: exit 2 for usage, 1 for runtime failures, one line, no traceback -----------------
+@pytest.mark.parametrize("args,flag", [
+    (["--bogus", "1"], "--bogus"),
+    (["--steps", "ten"], "--steps"),
+    (["--hole", "0"], "--hole"),
+    (["--hole", "32"], "--hole"),
+    (["--steps", "0"], "--steps"),
+    (["--ddim-steps", "0"], "--ddim-steps"),
+    (["--ddim-steps", "1001"], "--ddim-steps"),
+    (["--eta", "-0.5"], "--eta"),
+    (["--dc-repeats", "0"], "--dc-repeats"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--ema-decay", "1"], "--ema-decay"),
+    (["--ema-decay", "-0.1"], "--ema-decay"),
+    (["--ch-mult", "1,x"], "--ch-mult"),
+])
+def test_bad_flag_is_a_usage_error(args, flag, tmp_path):
+    proc = cli("train", *args, "--out-dir", tmp_path)
+    assert_one_line_error(proc, 2, flag)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_debug_shows_the_traceback():
+    proc = cli("train", "--hole", "0", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(cli("sample", "--out-dir", tmp_path), 1, "no checkpoint", "make train")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "other format", "other version", "empty"])
+def test_damaged_or_foreign_checkpoint_is_refused(damage, trained, tmp_path):
+    good = (trained / "last.pt").read_bytes()
+    bad = tmp_path / "last.pt"
+    if damage == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    elif damage == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "other format":
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, bad)
+    else:
+        ckpt = torch.load(trained / "last.pt", weights_only=True)
+        torch.save({**ckpt, "version": 99}, bad)
+    proc = cli("eval", "--ckpt", bad, "--out-dir", tmp_path, *FAST_SAMPLING)
+    assert_one_line_error(proc, 1, str(bad))
+
+
+def test_flags_that_contradict_the_checkpoint_are_ignored_and_named(trained, tmp_path):
+    proc = cli("sample", "--out-dir", trained, "--base-ch", "64", "--pred", "x0", *FAST_SAMPLING)
+    assert proc.returncode == 0, proc.stderr
+    assert "ignoring --pred, --base-ch" in proc.stdout
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(cli("train", *TINY, "--out-dir", blocker / "out"), 1, "--out-dir")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty folder", "not an image", "wrong shape", "wrong dtype",
+                                  "float out of range"])
+def test_bad_images_input(case, trained, tmp_path):
+    path = tmp_path / "in"
+    if case == "empty folder":
+        path.mkdir()
+    elif case == "not an image":
+        path.mkdir()
+        (path / "digit.png").write_text("this is text, not a PNG")
+    elif case == "wrong shape":
+        path = tmp_path / "x.npy"
+        np.save(path, np.zeros((4, 2, 28, 28), np.uint8))
+    elif case == "wrong dtype":
+        path = tmp_path / "x.npy"
+        np.save(path, np.zeros((4, 28, 28), np.int64))
+    elif case == "float out of range":
+        path = tmp_path / "x.npy"
+        np.save(path, np.full((4, 28, 28), 255.0, np.float32))
+    proc = cli("sample", "--out-dir", trained, "--images", path, *FAST_SAMPLING)
+    assert_one_line_error(proc, 1, str(path))
+
+
+# --- your own digits and masks ------------------------------------------------------------------
+def test_own_digits_from_a_folder_with_inverted_scans(trained, tmp_path):
+    digits = ((di.load_mnist5k().test[:3, 0] + 1) * 127.5).round().byte().numpy()  # (3, 32, 32) uint8
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, d in enumerate(digits):  # dark on light, 28x28, colour: everything a scan might be
+        Image.fromarray(255 - d).resize((28, 28)).convert("RGB").save(folder / f"scan{i}.png")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+    proc = cli("sample", "--ckpt", trained / "last.pt", "--out-dir", out, "--images", folder, "--invert",
+               *FAST_SAMPLING)
+    assert proc.returncode == 0, proc.stderr
+    assert "resizing 3 image(s) from 28x28 to 32x32" in proc.stdout
+    written = sorted(p.name for p in (out / "inpainted").iterdir())
+    assert written == ["scan0.png", "scan1.png", "scan2.png"]
+    inpainted = np.asarray(Image.open(out / "inpainted" / "scan0.png").convert("L"))
+    assert inpainted.shape == (32, 32) and inpainted[0, 0] < 50, "inverted scan: the background must come out black"
+
+    proc = cli("eval", "--ckpt", trained / "last.pt", "--out-dir", out, "--results-dir", out, "--images", folder,
+               "--invert", *FAST_SAMPLING)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "inpaint_metrics.json").read_text())["n_eval"] == 3
+
+
+def test_own_digits_from_an_array_and_a_custom_mask(trained, tmp_path):
+    x = (di.load_mnist5k().test[:4, 0] + 1) / 2  # (4, 32, 32) float in [0, 1]
+    np.save(tmp_path / "digits.npy", x.numpy())
+    mask = np.full((32, 32), 255, np.uint8)
+    mask[:, 20:] = 0  # the right third is missing
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    proc = cli("sample", "--ckpt", trained / "last.pt", "--out-dir", tmp_path, "--images", tmp_path / "digits.npy",
+               "--mask", tmp_path / "mask.png", *FAST_SAMPLING)
+    assert proc.returncode == 0, proc.stderr
+    out = np.load(tmp_path / "inpainted.npy")
+    assert out.shape == (4, 32, 32)
+    np.testing.assert_allclose(out[:, :, :20], x[:, :, :20].numpy(), atol=1e-6, err_msg="known pixels changed")
+    assert not np.allclose(out[:, :, 20:], x[:, :, 20:].numpy(), atol=1e-3)
+
+
+def test_mask_without_hole_is_refused(trained, tmp_path):
+    np.save(tmp_path / "mask.npy", np.ones((32, 32), np.float32))
+    proc = cli("sample", "--out-dir", trained, "--mask", tmp_path / "mask.npy", *FAST_SAMPLING)
+    assert_one_line_error(proc, 1, "no hole pixels")
+
+
+# --- faults: interrupts, kills, NaN, two runs at once --------------------------------------------
+def test_sigint_saves_a_checkpoint_and_resume_reaches_the_final_step(tmp_path):
+    args = [*TINY, "--steps", "100000", "--ckpt-every", "100000", "--out-dir", tmp_path]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ddim_inpaint.py"), "train", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (tmp_path / "train.lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # a few training steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    step = torch.load(tmp_path / "last.pt", weights_only=True)["step"]
+    assert 0 < step < 100000
+    assert not (tmp_path / "train.lock").exists(), "the lock must be released on exit"
+
+    final = step + 3
+    done = cli("train", *TINY, "--steps", final, "--out-dir", tmp_path, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {tmp_path / 'last.pt'} at step {step}" in done.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == final
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    di.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch, ddim_inpaint as di\n"
+        "big = {'step': 2, 'w': torch.randn(64, 1024, 1024)}  # 256 MB: the write takes a while\n"
+        "while True: di.save_checkpoint(di.Path(sys.argv[1]), big)\n"), str(path)], cwd=ROOT)
+    tmp = path.with_name(path.name + ".tmp")
+    deadline = time.time() + 120
+    while not (tmp.exists() and tmp.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.01)
+    writer.send_signal(signal.SIGKILL)  # mid-write: the temporary file is there, last.pt untouched
+    writer.wait(timeout=60)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] in (1, 2) and (ckpt["step"] == 1) == (ckpt["w"].numel() == 3)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = cli("train", *TINY, "--steps", "50", "--ckpt-every", "1", "--lr", "1e12", "--warmup", "0",
+               "--grad-clip", "0", "--out-dir", tmp_path)
+    assert_one_line_error(proc, 1, "step", "keeps the last good")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_second_run_in_the_same_folder_is_refused_unless_forced(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "train.lock").write_text(str(holder.pid))
+        assert_one_line_error(cli("train", *TINY, "--out-dir", tmp_path), 1, f"pid {holder.pid}", "--force")
+        forced = cli("train", *TINY, "--steps", "1", "--out-dir", tmp_path, "--force")
+        assert forced.returncode == 0, forced.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "train.lock").write_text("999999999")  # a process that is gone: a stale lock
+    stale = cli("train", *TINY, "--steps", "1", "--out-dir", tmp_path)
+    assert stale.returncode == 0, stale.stderr
+
+
+# --- security ------------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_malicious_checkpoint_is_refused_without_running_its_code(tmp_path):
+    evil = tmp_path / "last.pt"
+    proof = tmp_path / "proof_it_runs"
+    marker = tmp_path / "pwned"
+    # The payload is live: plain unpickling does run it.
+    pickle.loads(pickle.dumps(Payload(proof)))
+    assert proof.exists()
+    torch.save({"format": di.CKPT_FORMAT, "version": di.CKPT_VERSION, "config": Payload(marker)}, evil)
+
+    proc = cli("sample", "--out-dir", tmp_path, *FAST_SAMPLING)
+    assert_one_line_error(proc, 1, str(evil))
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+# --- determinism ---------------------------------------------------------------------------------
+def test_same_seed_gives_identical_checkpoints_samples_and_metrics(tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        for command in ("train", "sample", "eval"):
+            extra = ["--results-dir", str(out), "--batch-size", "5" if out.name == "b" and command == "eval" else "16"]
+            assert di.main([command, *TINY, *FAST_SAMPLING, "--out-dir", str(out), *extra]) == 0
+    a, b = (torch.load(out / "last.pt", weights_only=True) for out in runs)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"weights differ at {k}"
+    assert (runs[0] / "samples.png").read_bytes() == (runs[1] / "samples.png").read_bytes()
+    metrics = [json.loads((out / "inpaint_metrics.json").read_text())["metrics"] for out in runs]
+    for name in metrics[0]:  # run b evaluated with another batch size: each digit's noise is its own
+        for key in ("psnr", "l1"):
+            assert metrics[0][name][key] == metrics[1][name][key], f"{name} {key} differs"
