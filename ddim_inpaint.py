@@ -1176,6 +1176,7 @@ def versions() -> dict:
 
 def evaluate(cfg: Config, explicit: set[str]) -> dict:
     cfg, model, step, path, device = load_for_inference(cfg, explicit)
+    trained_with = load_checkpoint(path)["config"]
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
     n, indices = len(x0), list(range(len(x0)))
@@ -1235,6 +1236,7 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
         "nfe_per_sample": nfe, "wall_time_s": wall, "images_per_s": K * n / wall,
         "checkpoint": str(path), "checkpoint_step": step,
         "seed": cfg.seed, "device": str(device), "versions": versions(), "config": asdict(cfg),
+        "trained_with": trained_with,
     }
     results_dir = Path(cfg.results_dir)
     try:
@@ -1277,16 +1279,19 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
 
     def run(steps: int, sample: int = 0):
         c = replace(cfg, ddim_steps=min(steps, cfg.timesteps), dc_repeats=1)
-        return inpaint_digits(model, sched, x0, indices, mask_dev, c, device, sample, progress=f"{steps} steps #{sample}")
+        return inpaint_digits(model, sched, x0, indices, mask_dev, c, device, sample,
+                              progress=f"{steps} steps, sample {sample + 1}")
 
     points = []  # one per (method, NFE)
 
     def add(kind, nfe, pred):
         points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend)})
 
-    for steps in SWEEP_STEPS:
-        add("single sample", steps, run(steps))
-    k_samples = torch.stack([run(SWEEP_K_STEPS, k) for k in range(max(SWEEP_K))])  # (K, N, 1, H, W)
+    singles = {steps: run(steps) for steps in SWEEP_STEPS}
+    for steps, pred in singles.items():
+        add("single sample", steps, pred)
+    k_samples = torch.stack([singles[SWEEP_K_STEPS] if k == 0 and SWEEP_K_STEPS in singles else run(SWEEP_K_STEPS, k)
+                             for k in range(max(SWEEP_K))])  # (K, N, 1, H, W); sample 0 is already drawn
     for K in SWEEP_K:
         add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * SWEEP_K_STEPS, k_samples[:K].mean(0))
     add("one-call x0_hat", 1, run(1))
@@ -1353,6 +1358,44 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     print(f"correlation of the samples' per-pixel spread with the mean's error (hole pixels): {corr:.2f}")
     print(f"wrote {out}/quality_vs_nfe.png, quality_vs_nfe.json, uncertainty.png, trajectory.png")
     return result
+
+
+def collect_ablation(cfg: Config) -> dict:
+    """Gather <out-dir>/*/inpaint_metrics.json (make ablation) into <results-dir>/ablation.json.
+
+    Each run is described by how the config stored in its checkpoint differs from today's defaults,
+    so the table says exactly what was changed, read from the files themselves.
+    """
+    defaults = asdict(Config())
+    compared = [f.name for f in fields(Config) if f.metadata["group"] in ("diffusion", "model", "training")
+                and f.name not in ("steps", "time_budget", "amp", "channels_last", "compile", "batch_size")]
+    rows = {}
+    for path in sorted(Path(cfg.out_dir).glob("*/inpaint_metrics.json")):
+        r = json.loads(path.read_text())
+        ckpt = path.parent / "last.pt" if (path.parent / "last.pt").is_file() else Path(r["checkpoint"])
+        trained = load_checkpoint(ckpt)["config"]  # what the model was trained with
+        changed = {k: trained[k] for k in compared if k in trained and trained[k] != defaults[k]}
+        metrics = r["metrics"]
+        single = next(v for k, v in metrics.items() if k.startswith("DDIM sample"))
+        one_call = next(v for k, v in metrics.items() if k.startswith("one-call"))
+        rows[path.parent.name] = {
+            "changed_from_defaults": changed, "steps": r["checkpoint_step"],
+            "single_psnr": single["psnr"], "single_l1": single["l1"],
+            "one_call_psnr": one_call["psnr"], "one_call_l1": one_call["l1"],
+            "nn10_psnr": metrics["10-NN mean"]["psnr"], "nn1_psnr": metrics["1-NN copy"]["psnr"]}
+    if not rows:
+        raise UserError(f"no */inpaint_metrics.json under --out-dir {cfg.out_dir}; run make ablation first")
+    print(f"{'run':<16} {'changed from the defaults':<44} {'steps':>5} {'sample dB':>9} {'L1':>7} "
+          f"{'one-call dB':>11} {'L1':>7}")
+    for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["one_call_psnr"]):
+        changed = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["changed_from_defaults"].items()) or "-"
+        print(f"{name:<16} {changed:<44} {r['steps']:5d} {r['single_psnr']:9.2f} {r['single_l1']:7.4f} "
+              f"{r['one_call_psnr']:11.2f} {r['one_call_l1']:7.4f}")
+    out = Path(cfg.results_dir) / "ablation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": rows, "defaults": defaults, "versions": versions()}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return rows
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1438,7 +1481,8 @@ def throughput_bench(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     default = (cfg.amp, cfg.channels_last, cfg.compile)
     configs = dict(THROUGHPUT_CONFIGS)
-    configs.setdefault(f"default ({cfg.amp}, channels-last {cfg.channels_last}, compile {cfg.compile})", default)
+    if default not in configs.values():  # flags that pick a combination of their own
+        configs[f"default ({cfg.amp}, channels-last {cfg.channels_last}, compile {cfg.compile})"] = default
     print(f"U-Net throughput on {device} ({os.cpu_count()} CPUs), batch {cfg.batch_size}, "
           f"{sum(p.numel() for p in build_model(cfg).parameters()) / 1e6:.2f}M parameters; median of 5 runs")
     print(f"{'configuration':<34} {'train img/s':>11} {'GFLOP/s':>8} {'sample img/s':>12} {'GFLOP/s':>8}")
@@ -1467,7 +1511,7 @@ def throughput_bench(cfg: Config) -> dict:
 # -----------------------------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------------------------
-COMMANDS = ("train", "sample", "eval", "sweep", "bench")
+COMMANDS = ("train", "sample", "eval", "sweep", "collect", "bench")
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, instead of argparse's usage dump
         raise UserError(f"{message} (see --help)", 2)
@@ -1475,7 +1519,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="ddim_inpaint.py", description=__doc__.split("\n\n")[0],
-                            usage="%(prog)s {train,sample,eval,sweep,bench} [--flag VALUE ...]")
+                            usage="%(prog)s {train,sample,eval,sweep,collect,bench} [--flag VALUE ...]")
     parser.add_argument("command", choices=COMMANDS, help="what to run")
     groups = {}
     for f in fields(Config):
@@ -1486,8 +1530,9 @@ def build_parser() -> ArgumentParser:
         if isinstance(f.default, bool):  # switches come as --x / --no-x
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
+            metavar = None if f.metadata["choices"] else type(f.default).__name__.upper()
             group.add_argument(flag, type=type(f.default), choices=f.metadata["choices"], default=argparse.SUPPRESS,
-                               help=help_text, metavar=None if f.metadata["choices"] else type(f.default).__name__.upper())
+                               help=help_text, metavar=metavar)
     return parser
 
 
@@ -1512,6 +1557,8 @@ def main(argv=None) -> int:
             evaluate(cfg, explicit)
         elif command == "sweep":
             sweep(cfg, explicit)
+        elif command == "collect":
+            collect_ablation(cfg)
         else:
             throughput_bench(cfg)
     except UserError as e:

@@ -227,6 +227,11 @@ def test_train_sample_eval_end_to_end(tmp_path):
         assert 0 < r["psnr"] < 100 and 0 < r["l1"] < 1, f"{name}: implausible metrics {r}"
         assert r["psnr_ci95"][0] <= r["psnr"] <= r["psnr_ci95"][1]
 
+    # The ablation collector names each run by what its checkpoint changed from the defaults.
+    di.main(["collect", "--out-dir", str(tmp_path), "--results-dir", str(tmp_path / "collected")])
+    runs = json.loads((tmp_path / "collected" / "ablation.json").read_text())["runs"]
+    assert runs["results"]["changed_from_defaults"]["base_ch"] == 8 and runs["results"]["steps"] == 4
+
 
 def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
     run_cli("train", *TINY, "--steps", "6", out_dir=tmp_path / "straight")

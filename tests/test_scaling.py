@@ -16,7 +16,8 @@ TINY = ["--data", "mnist5k", "--base-ch", "8", "--ch-mult", "1,2", "--batch-size
 def test_ddp_on_two_cpu_processes_keeps_identical_weights_and_a_usable_checkpoint(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "ddim_inpaint.py"), "train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path)],
+         str(ROOT / "ddim_inpaint.py"), "train", *TINY, "--steps", "4", "--ckpt-every", "2",
+         "--out-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training ") == 1, "only rank 0 may log"
