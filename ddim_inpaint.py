@@ -39,6 +39,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1044,11 +1045,24 @@ def save_panel(model, sched, cfg, x0, known_mask, path: Path) -> None:
     save_grid([x0, show_masked(x0, known_mask), recon], path)
 
 
-def load_for_inference(cfg: Config, explicit: set[str]):
+class Loaded(NamedTuple):
+    """What load_for_inference gives back."""
+
+    cfg: Config  # the run's config, its model fields taken from the checkpoint
+    model: nn.Module  # the EMA weights when the checkpoint has them, in eval mode
+    step: int  # training steps behind the weights
+    path: Path  # the checkpoint read
+    device: torch.device
+    trained_with: dict  # the config stored in the checkpoint, as trained
+
+
+def load_for_inference(cfg: Config, explicit: set[str]) -> Loaded:
     """Rebuild the model from a checkpoint: its model fields win over the command line."""
     path = ckpt_path(cfg)
     ckpt = load_checkpoint(path)
-    stored = ckpt["config"]
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict):
+        raise UserError(f"{path} has no stored config; pass a last.pt written by `train`")
     ignored = [f"--{k.replace('_', '-')}" for k in MODEL_FIELDS if k in explicit and getattr(cfg, k) != stored.get(k)]
     if ignored:
         print(f"note: the checkpoint defines the model; ignoring {', '.join(ignored)}")
@@ -1061,7 +1075,7 @@ def load_for_inference(cfg: Config, explicit: set[str]):
     if stored.get("hole") != cfg.hole:
         print(f"note: the model was trained with --hole {stored.get('hole')}; inpainting --hole {cfg.hole}")
     device = pick_device(cfg.device)
-    return cfg, speed_up(model.to(device).eval(), cfg), ckpt["step"], path, device
+    return Loaded(cfg, speed_up(model.to(device).eval(), cfg), ckpt["step"], path, device, stored)
 
 
 def inference_inputs(cfg: Config, data: Data, n: int):
@@ -1075,7 +1089,7 @@ def inference_inputs(cfg: Config, data: Data, n: int):
 
 
 def sample(cfg: Config, explicit: set[str]) -> None:
-    cfg, model, step, path, device = load_for_inference(cfg, explicit)
+    cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
     out = prepare_out_dir(cfg)
     x0, names, known_mask, label = inference_inputs(cfg, load_data(cfg), n=10 if not cfg.images else 10**9)
     known_mask = known_mask.to(device)
@@ -1175,8 +1189,7 @@ def versions() -> dict:
 
 
 def evaluate(cfg: Config, explicit: set[str]) -> dict:
-    cfg, model, step, path, device = load_for_inference(cfg, explicit)
-    trained_with = load_checkpoint(path)["config"]
+    cfg, model, step, path, device, trained_with = load_for_inference(cfg, explicit)
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
     n, indices = len(x0), list(range(len(x0)))
@@ -1270,7 +1283,7 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    cfg, model, step, path, device = load_for_inference(cfg, explicit)
+    cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
     indices, n = list(range(len(x0))), len(x0)

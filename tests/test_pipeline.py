@@ -260,7 +260,7 @@ def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp
 def test_model_flags_round_trip_through_the_checkpoint(tmp_path, capsys):
     run_cli("train", *TINY, "--pred", "v", "--self-cond", "--coord-conv", "--steps", "2", out_dir=tmp_path)
     cfg = di.Config(out_dir=str(tmp_path), base_ch=32)
-    cfg, model, step, _, _ = di.load_for_inference(cfg, explicit={"base_ch"})
+    cfg, model, *_ = di.load_for_inference(cfg, explicit={"base_ch"})
     assert (cfg.pred, cfg.self_cond, cfg.coord_conv, cfg.base_ch) == ("v", True, True, 8)
     assert model.conv_in.in_channels == 6
     assert "ignoring --base-ch" in capsys.readouterr().out
