@@ -640,7 +640,7 @@ def prepare_out_dir(cfg: Config) -> Path:
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test.{os.getpid()}"  # per process: DDP ranks probe the same folder at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
