@@ -1,4 +1,4 @@
-# The interface: make train | sample | eval | test | sweep | ablation | bench | train-ddp | clean.
+# The interface: make train | sample | eval | test | sweep | ablation | precision | bench | train-ddp | clean.
 #   ARGS="--steps 500 --hole 12"   passes flags to ddim_inpaint.py
 #   PYTHON=python3                 uses an existing environment instead of creating .venv
 #   NPROC=2                        processes for train-ddp
@@ -11,7 +11,7 @@ ifeq ($(PYTHON),.venv/bin/python)
 ENV := .venv/.installed
 endif
 
-.PHONY: train sample eval test sweep ablation bench train-ddp clean
+.PHONY: train sample eval test sweep ablation precision bench train-ddp clean
 
 train: $(ENV)
 	$(PYTHON) ddim_inpaint.py train $(ARGS)
@@ -30,7 +30,10 @@ sweep: $(ENV)
 	$(PYTHON) ddim_inpaint.py sweep $(ARGS)
 
 # The ablation behind the defaults: 1000-step runs changing one training option at a time
-# (about 10 min each on 2 CPU cores), collected into results/ablation.json.
+# (about 10 min each on 2 CPU cores), collected into results/ablation.json. Other studies name their
+# own runs and folders: the precision study is PRECISION below.
+ABLATION_DIR = outputs/ablation
+ABLATION_RESULTS = results
 ABLATIONS = defaults: \
 	no-p2:--p2-gamma=0 \
 	no-hole-weight:--hole-weight=1 \
@@ -41,13 +44,19 @@ ABLATIONS = defaults: \
 	linear-schedule:--schedule=linear \
 	no-ema:--ema-decay=0
 
+# Training precision at equal steps over two seeds (make precision): bf16 autocast against fp32.
+PRECISION = bf16-seed0: fp32-seed0:--amp=off bf16-seed1:--seed=1 fp32-seed1:--amp=off,--seed=1
+
+precision:
+	$(MAKE) ablation ABLATIONS="$(PRECISION)" ABLATION_DIR=outputs/precision ABLATION_RESULTS=results/precision
+
 ablation: $(ENV)
 	for run in $(ABLATIONS); do \
-	  name=$${run%%:*}; flags=$$(echo $${run#*:} | tr , ' '); dir=outputs/ablation/$$name; \
+	  name=$${run%%:*}; flags=$$(echo $${run#*:} | tr , ' '); dir=$(ABLATION_DIR)/$$name; \
 	  $(PYTHON) ddim_inpaint.py train --steps 1000 --panel-every 0 --out-dir $$dir $$flags $(ARGS) && \
 	  $(PYTHON) ddim_inpaint.py eval --num-samples 1 --out-dir $$dir --results-dir $$dir $(ARGS) || exit 1; \
 	done
-	$(PYTHON) ddim_inpaint.py collect --results-dir results --out-dir outputs/ablation
+	$(PYTHON) ddim_inpaint.py collect --results-dir $(ABLATION_RESULTS) --out-dir $(ABLATION_DIR)
 
 # Kernel benchmark, then U-Net training/sampling throughput.
 bench: $(ENV)

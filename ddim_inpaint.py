@@ -123,6 +123,7 @@ class Config:
     device: str = opt("auto", "system", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     backend: str = opt("auto", "system", "DDIM step and metrics: auto (Triton on CUDA), torch, triton",
                        kernels.BACKENDS)
+    profile: bool = opt(False, "system", "bench: also print the top operators of each sampling step")
     force: bool = opt(False, "system", "train: start even if another live run holds <out-dir>/train.lock")
     debug: bool = opt(False, "system", "show the full traceback on errors")
 
@@ -436,9 +437,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, t_emb):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in place: GroupNorm's output is fresh
         h = h + self.t_proj(F.silu(t_emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return self.skip(x) + h
 
 
@@ -485,7 +486,7 @@ class UNet(nn.Module):
                 ch = base_ch * mult
             if level > 0:
                 self.up.append(Upsample(ch))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(inplace=True), nn.Conv2d(ch, 1, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # predict 0 at first: the mean of every target
         nn.init.zeros_(self.out[-1].bias)
 
@@ -500,7 +501,7 @@ class UNet(nn.Module):
             cols = torch.linspace(-1, 1, W, device=x_t.device).view(1, 1, 1, W).expand(B, 1, H, W)
             parts += [rows, cols]
         h = self.conv_in(torch.cat(parts, dim=1).to(self.conv_in.weight.dtype))
-        t_emb = self.t_mlp(timestep_embedding(t, self.base_ch))
+        t_emb = self.t_mlp(timestep_embedding(t, self.base_ch).to(self.conv_in.weight.dtype))
 
         skips = [h]
         for layer in self.down:
@@ -1381,7 +1382,7 @@ def collect_ablation(cfg: Config) -> dict:
     """
     defaults = asdict(Config())
     compared = [f.name for f in fields(Config) if f.metadata["group"] in ("diffusion", "model", "training")
-                and f.name not in ("steps", "time_budget", "amp", "channels_last", "compile", "batch_size")]
+                and f.name not in ("steps", "time_budget", "channels_last", "compile", "batch_size")] + ["seed"]
     rows = {}
     for path in sorted(Path(cfg.out_dir).glob("*/inpaint_metrics.json")):
         r = json.loads(path.read_text())
@@ -1417,8 +1418,12 @@ def collect_ablation(cfg: Config) -> dict:
 # Training images/s (forward, backward and AdamW on a batch) and sampling images/s (one DDIM step on
 # a batch: the U-Net and the fused step, counted as batch images per step) for each way PyTorch can
 # speed the U-Net up without changing its maths. Achieved GFLOP/s comes from torch.utils.flop_counter
-# (convolutions and matmuls, counted once per configuration) divided by the measured time, so it says
-# how much of the machine a configuration uses. Ratios are measured side by side in one run.
+# (convolutions and matmuls, counted once per configuration) divided by the measured time; a large
+# matmul in fp32 and in bf16 gives the machine's practical peak to hold it against. The steps of one
+# kind are timed in rounds, one call of each configuration per round, so all configurations see the
+# same machine: a clock or neighbour that drifts during the run moves them together and the ratios
+# stay side by side. Training and sampling are timed apart, each among its own kind, as `train` and
+# `eval` run them: what ran just before (the allocator's state, the caches) changes a step's speed.
 # -----------------------------------------------------------------------------------------------
 THROUGHPUT_CONFIGS = {  # name: (amp, channels_last, compile)
     "eager fp32": ("off", False, False),
@@ -1427,25 +1432,29 @@ THROUGHPUT_CONFIGS = {  # name: (amp, channels_last, compile)
     "bf16 + compile": ("bf16", False, True),
     "bf16 + channels-last + compile": ("bf16", True, True),
 }
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (and compilation)
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def seconds_side_by_side(steps: dict, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step in `steps` (name: fn), called in turn once per round."""
+    for fn in steps.values():  # warm-up (and compilation)
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def measure_throughput(cfg: Config, device: torch.device, repeats: int) -> dict:
-    """Training and sampling images/s and GFLOP/s of the U-Net configured by cfg."""
+def throughput_steps(cfg: Config, device: torch.device) -> dict[str, tuple]:
+    """{"train": (fn, flops), "sample": (fn, flops)} for the U-Net configured by cfg, on a fixed batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(cfg.seed)
@@ -1459,6 +1468,7 @@ def measure_throughput(cfg: Config, device: torch.device, repeats: int) -> dict:
     gen = torch.Generator(device).manual_seed(0)
 
     def train_step():
+        model.train()
         loss = diffusion_loss(net, sched, x0, mask, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1470,6 +1480,7 @@ def measure_throughput(cfg: Config, device: torch.device, repeats: int) -> dict:
 
     @torch.no_grad()
     def sample_step():
+        model.eval()
         with autocast(cfg, device):
             out = net(x0, t, mask, mask * x0).float()
         kernels.ddim_dc_step(x0, out, mask * x0, mask, c, cfg.pred, known_noise=known_noise, backend=cfg.backend)
@@ -1480,14 +1491,50 @@ def measure_throughput(cfg: Config, device: torch.device, repeats: int) -> dict:
     opt.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x0, t, mask, mask * x0)
-    sample_flops = counter.get_total_flops()
+    return {"train": (train_step, train_flops), "sample": (sample_step, counter.get_total_flops())}
 
-    model.train()
-    train_s = median_seconds(train_step, repeats, device)
-    model.eval()
-    sample_s = median_seconds(sample_step, repeats, device)
-    return {"train_images_per_s": B / train_s, "train_gflops": train_flops / train_s / 1e9,
-            "sample_images_per_s": B / sample_s, "sample_gflops": sample_flops / sample_s / 1e9}
+
+def matmul_step(dtype: torch.dtype, device: torch.device, n: int = 2048) -> tuple:
+    """(fn, flops) of an n x n matmul: what the machine's BLAS reaches in that dtype."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return (lambda: a @ b), 2 * n ** 3
+
+
+def throughput_row(steps: dict, seconds: dict, batch_size: int, prefix: str = "") -> dict:
+    """Images/s and GFLOP/s of the steps from throughput_steps, given their median seconds."""
+    row = {}
+    for kind in ("train", "sample"):
+        s = seconds[prefix + kind]
+        row[f"{kind}_images_per_s"] = batch_size / s
+        row[f"{kind}_gflops"] = steps[kind][1] / s / 1e9
+    return row
+
+
+def measure_throughput(cfg: Config, device: torch.device, rounds: int) -> dict:
+    """Training and sampling images/s and GFLOP/s of the U-Net configured by cfg."""
+    steps = throughput_steps(cfg, device)
+    seconds = seconds_side_by_side({k: fn for k, (fn, _) in steps.items()}, rounds, device)
+    return throughput_row(steps, seconds, cfg.batch_size)
+
+
+def profile_sampling(steps: dict, device: torch.device, calls: int = 3) -> str:
+    """Where each configuration's sampling step spends its time: torch.profiler's top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    report = []
+    for name, fn in steps.items():
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        report.append(f"{name}: sampling step x {calls}, top operators by self time\n"
+                      + prof.key_averages().table(sort_by=sort_by, row_limit=8, max_name_column_width=48))
+        print("\n" + report[-1])
+    return "\n".join(report)
 
 
 def throughput_bench(cfg: Config) -> dict:
@@ -1496,26 +1543,46 @@ def throughput_bench(cfg: Config) -> dict:
     configs = dict(THROUGHPUT_CONFIGS)
     if default not in configs.values():  # flags that pick a combination of their own
         configs[f"default ({cfg.amp}, channels-last {cfg.channels_last}, compile {cfg.compile})"] = default
+    rounds = 7
     print(f"U-Net throughput on {device} ({os.cpu_count()} CPUs), batch {cfg.batch_size}, "
-          f"{sum(p.numel() for p in build_model(cfg).parameters()) / 1e6:.2f}M parameters; median of 5 runs")
+          f"{sum(p.numel() for p in build_model(cfg).parameters()) / 1e6:.2f}M parameters; "
+          f"median of {rounds} rounds, every configuration timed once per round")
+    cases = {name: throughput_steps(replace(cfg, amp=amp, channels_last=channels_last, compile=compiled), device)
+             for name, (amp, channels_last, compiled) in configs.items()}
+    peaks = {dt: matmul_step(dtype, device) for dt, dtype in PEAK_DTYPES.items()}
+    seconds = {}  # training steps are timed among training steps, sampling among sampling, as in use
+    for kind in ("train", "sample"):
+        seconds.update(seconds_side_by_side({f"{name}/{kind}": case[kind][0] for name, case in cases.items()},
+                                            rounds, device))
+    seconds.update(seconds_side_by_side({f"peak/{dt}": fn for dt, (fn, _) in peaks.items()}, rounds, device))
+
+    peak = {f"matmul_{dt}_gflops": flops / seconds[f"peak/{dt}"] / 1e9 for dt, (_, flops) in peaks.items()}
+    print(f"machine peak (2048^3 matmul): fp32 {peak['matmul_fp32_gflops']:.0f} GFLOP/s, "
+          f"bf16 {peak['matmul_bf16_gflops']:.0f} GFLOP/s")
     print(f"{'configuration':<34} {'train img/s':>11} {'GFLOP/s':>8} {'sample img/s':>12} {'GFLOP/s':>8}")
     rows = {}
     for name, (amp, channels_last, compiled) in configs.items():
-        r = measure_throughput(replace(cfg, amp=amp, channels_last=channels_last, compile=compiled), device, 5)
+        r = throughput_row(cases[name], seconds, cfg.batch_size, prefix=f"{name}/")
         rows[name] = {"amp": amp, "channels_last": channels_last, "compile": compiled, **r}
         print(f"{name:<34} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
-              f"{r['sample_images_per_s']:12.0f} {r['sample_gflops']:8.1f}", flush=True)
+              f"{r['sample_images_per_s']:12.0f} {r['sample_gflops']:8.1f}")
     base = rows["eager fp32"]
     default_name = next(n for n, r in rows.items() if (r["amp"], r["channels_last"], r["compile"]) == default)
     speedups = {"train_speedup": rows[default_name]["train_images_per_s"] / base["train_images_per_s"],
                 "sample_speedup": rows[default_name]["sample_images_per_s"] / base["sample_images_per_s"]}
     rows[default_name].update(speedups)
     print(f"default = {default_name}: training {speedups['train_speedup']:.2f}x, sampling "
-          f"{speedups['sample_speedup']:.2f}x eager fp32")
-    result = {"device": str(device), "batch_size": cfg.batch_size, "default": default_name, "configs": rows,
-              "versions": versions(), "config": asdict(cfg)}
-    path = Path(cfg.results_dir) / "throughput.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+          f"{speedups['sample_speedup']:.2f}x eager fp32 (bf16/fp32 matmul peak: "
+          f"{peak['matmul_bf16_gflops'] / peak['matmul_fp32_gflops']:.2f}x)")
+    results = Path(cfg.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    if cfg.profile:
+        report = profile_sampling({name: case["sample"][0] for name, case in cases.items()}, device)
+        (results / "throughput_profile.txt").write_text(report + "\n")
+        print(f"wrote {results / 'throughput_profile.txt'}")
+    result = {"device": str(device), "batch_size": cfg.batch_size, "rounds": rounds, "default": default_name,
+              "peak": peak, "configs": rows, "versions": versions(), "config": asdict(cfg)}
+    path = results / "throughput.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result

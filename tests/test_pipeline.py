@@ -291,6 +291,14 @@ def test_sweep_writes_the_quality_plot_and_pictures(tmp_path):
         assert (tmp_path / "results" / name).stat().st_size > 1000, name
 
 
+def test_side_by_side_timing_calls_every_step_once_per_round():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    seconds = di.seconds_side_by_side(steps, 3, torch.device("cpu"))
+    assert calls == list("aabbcc") + list("abc") * 3  # two warm-up calls each, then round-robin
+    assert set(seconds) == set("abc") and all(s >= 0 for s in seconds.values())
+
+
 def test_throughput_measurement_reports_rates_and_flops():
     r = di.measure_throughput(di.Config(base_ch=8, ch_mult="1,2", batch_size=4, amp="off"), torch.device("cpu"), 1)
     assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > r["train_images_per_s"]
