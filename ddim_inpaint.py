@@ -1162,6 +1162,17 @@ def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
     return torch.cat(nn1), torch.cat(nnk)
 
 
+def baseline_fills(train_x, x0, known_mask) -> dict[str, tuple[torch.Tensor, float]]:
+    """The fills that need no learning, each as (digits with the known pixels kept, seconds taken)."""
+    t0 = time.time()
+    nn1, nn10 = knn_fills(train_x, x0, known_mask)
+    knn_secs = time.time() - t0
+    fills = {"zero (black) fill": (torch.full_like(x0, -1.0), 0.0),
+             "train-mean fill": (train_x.mean(0, keepdim=True).expand_as(x0), 0.0),
+             "1-NN copy": (nn1, knn_secs), "10-NN mean": (nn10, knn_secs)}
+    return {name: (torch.where(known_mask > 0.5, x0, fill), secs) for name, (fill, secs) in fills.items()}
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the mean."""
     rng = np.random.default_rng(seed)
@@ -1200,9 +1211,6 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
         t0 = time.time()
         return fn(), time.time() - t0
 
-    def paste(fill):  # every fill keeps the known pixels; only the hole differs
-        return torch.where(known_mask > 0.5, x0, fill)
-
     # The DDIM samples: sample 0 is "a single sample"; the mean of K approximates the posterior mean.
     K, nfe = cfg.num_samples, cfg.ddim_steps * cfg.dc_repeats
     samples, sample_secs = zip(*[timed(lambda k=k: inpaint_digits(
@@ -1212,16 +1220,12 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
     one_call_cfg = replace(cfg, ddim_steps=1, dc_repeats=1)
     one_call, one_call_secs = timed(lambda: inpaint_digits(model, sched, x0, indices, known_mask.to(device),
                                                            one_call_cfg, device))
-    (nn1, nn10), knn_secs = timed(lambda: knn_fills(data.train, x0, known_mask))
 
     methods = {  # name: (prediction, network evaluations per digit, seconds)
         f"DDIM sample ({cfg.ddim_steps} steps)": (samples[0], nfe, sample_secs[0]),
         f"mean of {K} DDIM samples": (torch.stack(samples).mean(0), K * nfe, sum(sample_secs)),
         "one-call x0_hat (t = T-1)": (one_call, 1, one_call_secs),
-        "zero (black) fill": (paste(torch.full_like(x0, -1.0)), 0, 0.0),
-        "train-mean fill": (paste(data.train.mean(0, keepdim=True).expand_as(x0)), 0, 0.0),
-        "1-NN copy": (paste(nn1), 0, knn_secs),
-        "10-NN mean": (paste(nn10), 0, knn_secs),
+        **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(data.train, x0, known_mask).items()},
     }
     table = {name: {**score(pred, x0, known_mask, cfg.backend), "nfe": nfe_, "seconds": secs}
              for name, (pred, nfe_, secs) in methods.items()}
@@ -1309,11 +1313,8 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     for K in SWEEP_K:
         add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * SWEEP_K_STEPS, k_samples[:K].mean(0))
     add("one-call x0_hat", 1, run(1))
-    nn1, nn10 = knn_fills(data.train, x0, known_mask)
-    fills = {"zero (black) fill": torch.full_like(x0, -1.0), "train-mean fill": data.train.mean(0, keepdim=True),
-             "1-NN copy": nn1, "10-NN mean": nn10}
-    fill_scores = {name: score(torch.where(known_mask > 0.5, x0, f.expand_as(x0)), x0, known_mask, cfg.backend)
-                   for name, f in fills.items()}
+    fill_scores = {name: score(fill, x0, known_mask, cfg.backend)
+                   for name, (fill, _) in baseline_fills(data.train, x0, known_mask).items()}
 
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
