@@ -49,6 +49,10 @@ PRECISION = bf16-seed0: fp32-seed0:--amp=off bf16-seed1:--seed=1 fp32-seed1:--am
 
 precision:
 	$(MAKE) ablation ABLATIONS="$(PRECISION)" ABLATION_DIR=outputs/precision ABLATION_RESULTS=results/precision
+	for run in $(PRECISION); do \
+	  name=$${run%%:*}; mkdir -p results/precision/$$name; \
+	  cp outputs/precision/$$name/inpaint_metrics.json results/precision/$$name/; \
+	done
 
 ablation: $(ENV)
 	for run in $(ABLATIONS); do \
