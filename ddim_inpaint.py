@@ -1502,21 +1502,13 @@ def matmul_step(dtype: torch.dtype, device: torch.device, n: int = 2048) -> tupl
     return (lambda: a @ b), 2 * n ** 3
 
 
-def throughput_row(steps: dict, seconds: dict, batch_size: int, prefix: str = "") -> dict:
-    """Images/s and GFLOP/s of the steps from throughput_steps, given their median seconds."""
+def throughput_row(steps: dict, seconds: dict, batch_size: int) -> dict:
+    """Images/s and GFLOP/s of the steps from throughput_steps, given their median seconds by kind."""
     row = {}
-    for kind in ("train", "sample"):
-        s = seconds[prefix + kind]
+    for kind, s in seconds.items():
         row[f"{kind}_images_per_s"] = batch_size / s
         row[f"{kind}_gflops"] = steps[kind][1] / s / 1e9
     return row
-
-
-def measure_throughput(cfg: Config, device: torch.device, rounds: int) -> dict:
-    """Training and sampling images/s and GFLOP/s of the U-Net configured by cfg."""
-    steps = throughput_steps(cfg, device)
-    seconds = seconds_side_by_side({k: fn for k, (fn, _) in steps.items()}, rounds, device)
-    return throughput_row(steps, seconds, cfg.batch_size)
 
 
 def profile_sampling(steps: dict, device: torch.device, calls: int = 3) -> str:
@@ -1563,7 +1555,8 @@ def throughput_bench(cfg: Config) -> dict:
     print(f"{'configuration':<34} {'train img/s':>11} {'GFLOP/s':>8} {'sample img/s':>12} {'GFLOP/s':>8}")
     rows = {}
     for name, (amp, channels_last, compiled) in configs.items():
-        r = throughput_row(cases[name], seconds, cfg.batch_size, prefix=f"{name}/")
+        r = throughput_row(cases[name], {kind: seconds[f"{name}/{kind}"] for kind in ("train", "sample")},
+                           cfg.batch_size)
         rows[name] = {"amp": amp, "channels_last": channels_last, "compile": compiled, **r}
         print(f"{name:<34} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
               f"{r['sample_images_per_s']:12.0f} {r['sample_gflops']:8.1f}")

@@ -300,6 +300,8 @@ def test_side_by_side_timing_calls_every_step_once_per_round():
 
 
 def test_throughput_measurement_reports_rates_and_flops():
-    r = di.measure_throughput(di.Config(base_ch=8, ch_mult="1,2", batch_size=4, amp="off"), torch.device("cpu"), 1)
+    steps = di.throughput_steps(di.Config(base_ch=8, ch_mult="1,2", batch_size=4, amp="off"), torch.device("cpu"))
+    seconds = di.seconds_side_by_side({kind: fn for kind, (fn, _) in steps.items()}, 1, torch.device("cpu"))
+    r = di.throughput_row(steps, seconds, 4)
     assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > r["train_images_per_s"]
     assert 0 < r["train_gflops"] and 0 < r["sample_gflops"]
