@@ -22,9 +22,9 @@ TINY = ["--data", "mnist5k", "--base-ch", "8", "--ch-mult", "1,2", "--batch-size
 FAST_SAMPLING = ["--data", "mnist5k", "--ddim-steps", "2", "--n-eval", "8", "--num-samples", "1"]
 
 
-def cli(*args, timeout=300):
+def cli(*args, timeout=300, env=None):
     """Run `python ddim_inpaint.py ARGS` in a fresh process; returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "ddim_inpaint.py"), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -170,6 +170,15 @@ def test_own_digits_from_an_array_and_a_custom_mask(trained, tmp_path):
     assert out.shape == (4, 32, 32)
     np.testing.assert_allclose(out[:, :, :20], x[:, :, :20].numpy(), atol=1e-6, err_msg="known pixels changed")
     assert not np.allclose(out[:, :, 20:], x[:, :, 20:].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("flag", [["--backend", "triton"], ["--noise", "philox"]], ids=["backend", "noise"])
+def test_gpu_kernel_options_on_the_cpu_are_refused_before_any_work(flag, trained, tmp_path):
+    # Without the interpreter a Triton kernel cannot take CPU tensors: say so, naming the flag.
+    proc = cli("eval", *FAST_SAMPLING, "--device", "cpu", *flag, "--out-dir", trained, "--results-dir", tmp_path,
+               env={"TRITON_INTERPRET": "0"})
+    assert_one_line_error(proc, 2, flag[0], flag[1])
+    assert not (tmp_path / "inpaint_metrics.json").exists()
 
 
 def test_mask_without_hole_is_refused(trained, tmp_path):
