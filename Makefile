@@ -1,4 +1,4 @@
-# The interface: make train | sample | eval | test | sweep | ablation | precision | bench | train-ddp | clean.
+# The interface: make train | sample | eval | test | sweep | ablation | precision | bench | train-ddp | gpu-check | clean.
 #   ARGS="--steps 500 --hole 12"   passes flags to ddim_inpaint.py
 #   PYTHON=python3                 uses an existing environment instead of creating .venv
 #   NPROC=2                        processes for train-ddp

@@ -19,6 +19,7 @@ Usage (make targets wrap these and create .venv on first use):
   python ddim_inpaint.py eval                    # ~4 min: hole PSNR/L1 table, results/inpaint_metrics.json
   python ddim_inpaint.py sweep                   # ~6 min: results/quality_vs_nfe.png and friends
   python ddim_inpaint.py bench                   # U-Net throughput per speed option: results/throughput.json
+  python ddim_inpaint.py bench-sampler           # whole-sampler images/s per step kind (make gpu-check on a GPU)
   python ddim_inpaint.py train --steps 200 --lr 1e-3 --hole 12   # any config field is a flag
   python ddim_inpaint.py sample --images my_digits/ --invert     # your own digits (PNG/JPEG or .npy)
   torchrun --standalone --nproc_per_node 2 ddim_inpaint.py train # data-parallel training

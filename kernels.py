@@ -18,8 +18,9 @@ prose on what is fused and how many bytes that saves, the ``@triton.jit`` kernel
 its dispatcher. The checks live in tests/test_kernels.py, the benchmark at the end of this file.
 
 Usage:
-    TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py -q   # kernels vs references, on CPU
+    python -m pytest tests/test_kernels.py -q   # kernels vs references: on CUDA, else the CPU interpreter
     python kernels.py bench        # or: make bench; writes results/kernel_bench.json
+    python kernels.py ptx          # compile every variant for sm_80/sm_90 here, no GPU needed: PTX report
 """
 from __future__ import annotations
 
