@@ -1093,9 +1093,8 @@ def graphed_inpaint(model, sched: Schedule, y, known_mask, noise: PhiloxNoise, c
            cfg.pred, cfg.amp, cfg.backend, sched.T, float(sched.alpha_bar64.sum()))
     g = _GRAPHS.get(key)
     if g is None or g.model is not model:
-        static_y, static_mask, static_keys = y.clone(), known_mask.clone(), noise.keys.clone()
-        static_noise = PhiloxNoise(0, [], noise.shape, y.device)
-        static_noise.keys = static_keys
+        static_y, static_mask, static_noise = y.clone(), known_mask.clone(), copy.copy(noise)
+        static_noise.keys = noise.keys.clone()
         run = lambda: ddim_inpaint(model, sched, static_y, static_mask, static_noise, cfg)  # noqa: E731
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -1105,7 +1104,7 @@ def graphed_inpaint(model, sched: Schedule, y, known_mask, noise: PhiloxNoise, c
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             x0 = run()
-        g = _GRAPHS[key] = _Graph(graph, model, static_y, static_mask, static_keys, x0)
+        g = _GRAPHS[key] = _Graph(graph, model, static_y, static_mask, static_noise.keys, x0)
     g.y.copy_(y)
     g.known_mask.copy_(known_mask)
     g.keys.copy_(noise.keys)
@@ -1177,13 +1176,13 @@ def load_for_inference(cfg: Config, explicit: set[str]) -> Loaded:
 
 def check_sampling_device(cfg: Config, device: torch.device) -> None:
     """Refuse, before any work, the kernel options that cannot run on `device`."""
-    on_gpu_or_interpreter = device.type == "cuda" or kernels.interpreting()
-    if cfg.backend == "triton" and not (kernels.HAVE_TRITON and on_gpu_or_interpreter):
-        raise UserError(f"--backend triton runs the Triton kernels on a CUDA GPU, not on {device}; use --backend "
-                        "auto or torch (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
-    if cfg.noise == "philox" and not (kernels.HAVE_TRITON and on_gpu_or_interpreter):
-        raise UserError(f"--noise philox draws the noise with Triton on a CUDA GPU, not on {device}; use --noise "
-                        "auto or cpu (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
+    if kernels.HAVE_TRITON and (device.type == "cuda" or kernels.interpreting()):
+        return
+    for flag, asked, fallback in (("--backend", cfg.backend == "triton", "auto or torch"),
+                                  ("--noise", cfg.noise == "philox", "auto or cpu")):
+        if asked:
+            raise UserError(f"{flag} {getattr(cfg, flag[2:])} needs Triton on a CUDA GPU, not {device}; use {flag} "
+                            f"{fallback} (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
 
 
 def inference_inputs(cfg: Config, data: Data, n: int):

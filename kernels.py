@@ -400,7 +400,7 @@ def keyed_randn(keys: torch.Tensor, draw: int, shape) -> torch.Tensor:
     """
     out = torch.empty(shape, device=keys.device, dtype=torch.float32)
     _check_size(out)
-    uses_triton(out, "triton")
+    uses_triton(out, "triton")  # there is no reference to fall back to: raises where Triton cannot run
     keys = _check_keys(keys, out)
     chw = math.prod(shape[1:])
     if out.numel() == 0:
@@ -854,12 +854,19 @@ def bench(eta: float, steps: int, out: Path) -> None:
 GPU_TARGETS = (80, 90)
 
 
+def _signature(fn, constexprs: dict, pointer: str = "fp32", **types) -> dict:
+    """fn's arguments in order, typed: constexprs, then `types` by name, then pointers (*_ptr) as
+    `pointer` and everything else i32 (sizes, strides, the draw number)."""
+    import inspect
+
+    names = inspect.signature(getattr(fn, "fn", fn)).parameters  # JITFunction or the interpreter's wrapper
+    return {n: "constexpr" if n in constexprs else types.get(n) or (f"*{pointer}" if n.endswith("_ptr") else "i32")
+            for n in names}
+
+
 def gpu_variants():
     """(kernel name, variant label, @triton.jit function, signature, constexprs) for every launch kind."""
-    images = lambda dt: {n: f"*{dt}" for n in ("x_t_ptr", "model_out_ptr", "y_ptr")}  # noqa: E731
-    step_args = {"C": "i32", "HW": "i32", "blocks_per_plane": "i32", "mask_stride_b": "i32",
-                 **{n: "fp32" for n in ("sqrt_ab", "sqrt_1m_ab", "sqrt_ab_prev", "sqrt_1m_ab_prev", "dir_coef",
-                                        "sigma")}, "draw": "i32"}
+    scalars = dict.fromkeys(("sqrt_ab", "sqrt_1m_ab", "sqrt_ab_prev", "sqrt_1m_ab_prev", "dir_coef", "sigma"), "fp32")
     flags = ("HAS_NOISE", "HAS_KNOWN_NOISE", "RNG", "WRITE_X0")
     storage = [("fp32", "fp32")] + [(dt, "fp32") for dt in ("bf16", "fp16")] + [("fp32", "i1")]  # (images, mask)
     for dt, mask_dt in storage:
@@ -868,27 +875,23 @@ def gpu_variants():
                 on = {f: bool(bits >> j & 1) for j, f in enumerate(flags)}
                 if (dt, mask_dt) != ("fp32", "fp32") and not all(on.values()) and on != dict.fromkeys(flags, False):
                     continue  # other storage types: the all-off and all-on variants are enough
-                signature = {**images(dt), "known_mask_ptr": f"*{mask_dt}", "noise_ptr": f"*{dt}",
-                             "known_noise_ptr": f"*{dt}", "keys_ptr": "*i64", "x_prev_ptr": f"*{dt}",
-                             "x0_hat_ptr": f"*{dt}", **step_args,
-                             **{n: "constexpr" for n in ("PRED", *flags, "BLOCK")}}
+                constexprs = dict(PRED=pred, **on, BLOCK=STEP_BLOCK)
+                signature = _signature(_ddim_dc_step_kernel, constexprs, dt, known_mask_ptr=f"*{mask_dt}",
+                                       keys_ptr="*i64", **scalars)
                 label = f"{pred} {' '.join(f for f in flags if on[f]) or '-'} ({dt}, mask {mask_dt})"
-                yield "ddim_dc_step", label, _ddim_dc_step_kernel, signature, dict(PRED=pred, **on, BLOCK=STEP_BLOCK)
+                yield "ddim_dc_step", label, _ddim_dc_step_kernel, signature, constexprs
     for dt in ("fp32", "bf16"):
-        signature = {"pred_ptr": f"*{dt}", "target_ptr": f"*{dt}", "known_mask_ptr": "*fp32", "sse_part_ptr": "*fp32",
-                     "sae_part_ptr": "*fp32", "count_part_ptr": "*i32", "HW": "i32", "blocks_per_plane": "i32",
-                     "n_blocks": "i32", "mask_stride_b": "i32", "BLOCK": "constexpr"}
-        yield "masked_error_partials", f"stage 1 ({dt})", _masked_error_partials_kernel, signature, dict(
-            BLOCK=REDUCE_BLOCK)
+        constexprs = dict(BLOCK=REDUCE_BLOCK)
+        signature = _signature(_masked_error_partials_kernel, constexprs, dt, known_mask_ptr="*fp32",
+                               sse_part_ptr="*fp32", sae_part_ptr="*fp32", count_part_ptr="*i32")
+        yield "masked_error_partials", f"stage 1 ({dt})", _masked_error_partials_kernel, signature, constexprs
     for block in (1, 1024):  # one partial per image (a 32x32 MNIST image), and the widest second stage
-        signature = {n: "*fp32" for n in ("sse_part_ptr", "sae_part_ptr", "sse_ptr", "sae_ptr", "count_ptr")}
-        signature = {**signature, "count_part_ptr": "*i32", "n_blocks": "i32", "BLOCK": "constexpr"}
-        signature = {n: signature[n] for n in ("sse_part_ptr", "sae_part_ptr", "count_part_ptr", "sse_ptr", "sae_ptr",
-                                               "count_ptr", "n_blocks", "BLOCK")}
-        yield "sum_partials", f"stage 2, BLOCK={block}", _sum_partials_kernel, signature, dict(BLOCK=block)
-    signature = {"keys_ptr": "*i64", "out_ptr": "*fp32", "chw": "i32", "blocks_per_image": "i32", "draw": "i32",
-                 "BLOCK": "constexpr"}
-    yield "keyed_randn", "noise tensor", _keyed_randn_kernel, signature, dict(BLOCK=STEP_BLOCK)
+        constexprs = dict(BLOCK=block)
+        signature = _signature(_sum_partials_kernel, constexprs, count_part_ptr="*i32")
+        yield "sum_partials", f"stage 2, BLOCK={block}", _sum_partials_kernel, signature, constexprs
+    constexprs = dict(BLOCK=STEP_BLOCK)
+    signature = _signature(_keyed_randn_kernel, constexprs, keys_ptr="*i64")
+    yield "keyed_randn", "noise tensor", _keyed_randn_kernel, signature, constexprs
 
 
 def _ptx_instructions(ptx: str) -> list[str]:
