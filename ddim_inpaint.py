@@ -5,6 +5,12 @@ start from pure noise in the hole and run DDIM backwards, pasting the known pixe
 current level) back in after every step, so the model only has to invent what is missing. Quality
 is measured inside the hole only (hole PSNR and L1), next to simple fills that need no learning.
 
+The file has two parts. Part I is the lesson, in reading order: config, data and masks, noise
+schedule, U-Net, training, DDIM inpainting, evaluation, and a "try it" cell. Its `# %%` cells open
+as a notebook (VS Code, or Jupyter through jupytext). Part II, behind one banner, is the tooling:
+checkpoints, resume, locks, signals, DDP, your own images, sweeps, benchmarks and the command line.
+Nothing in Part II changes the maths.
+
 Papers, in the order the code uses them:
   DDPM           Ho, Jain, Abbeel 2020            arXiv:2006.11239  (forward process, Algorithm 1)
   improved DDPM  Nichol, Dhariwal 2021            arXiv:2102.09672  (cosine schedule)
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -37,7 +44,7 @@ import platform
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -50,17 +57,26 @@ import torch.nn.functional as F
 import kernels
 
 IMAGE_SIZE = 32  # MNIST's 28x28 digits are resized to 32x32 so that the U-Net can halve them twice
-CKPT_FORMAT = "ddim-inpaint"  # written into every checkpoint, checked on load
-CKPT_VERSION = 1
 
 
-# -----------------------------------------------------------------------------------------------
-# Config
+class UserError(Exception):
+    """A problem the user can fix; main() prints it on one line. exit_code 2 = usage, 1 = runtime."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# %% [markdown]
+# # Part I: the lesson
 #
-# One dataclass holds every setting. The command line is generated from it (each field becomes a
-# flag: `ddim_steps` -> `--ddim-steps`), and `asdict(cfg)` is stored in every checkpoint and result
-# file, so a run can always be rebuilt from what it wrote.
-# -----------------------------------------------------------------------------------------------
+# ## 1. Config
+#
+# One dataclass holds every setting, grouped by topic. The command line is generated from it (each
+# field becomes a flag: `ddim_steps` -> `--ddim-steps`), and `asdict(cfg)` is stored in every
+# checkpoint and result file, so a run can always be rebuilt from what it wrote.
+
+# %%
 def opt(default, group: str, help: str, choices=None):
     """A config field with its command-line group, help text and allowed values."""
     return field(default=default, metadata={"group": group, "help": help, "choices": choices})
@@ -108,7 +124,7 @@ class Config:
     compile: bool = opt(False, "training", "torch.compile the U-Net (a minute or two of compiling first)")
     # sampling
     ddim_steps: int = opt(50, "sampling", "DDIM steps, evenly spaced from T-1 down to 0")
-    eta: float = opt(0.0, "sampling", "DDIM eta: 0 is deterministic, 1 is DDPM-like")
+    eta: float = opt(0.0, "sampling", "DDIM eta in [0, 1]: 0 is deterministic, 1 gives DDPM's posterior variance")
     dc_repeats: int = opt(1, "sampling", "RePaint resampling: take each step this many times")
     num_samples: int = opt(4, "sampling", "samples per digit: drawn by `sample`, averaged by `eval`")
     noise: str = opt("auto", "sampling", "sampling noise, keyed per digit either way: philox (drawn on the device, "
@@ -119,7 +135,8 @@ class Config:
     results_dir: str = opt("results", "evaluation", "where eval, sweep and bench write their JSON and pictures")
     # system
     out_dir: str = opt("outputs/inpaint", "system", "checkpoints, panels and samples go here")
-    ckpt: str = opt("", "system", "checkpoint to read (default: <out-dir>/last.pt)")
+    ckpt: str = opt("", "system", "sample/eval/sweep: the checkpoint to read (default: <out-dir>/last.pt, or "
+                    "outputs/inpaint/last.pt, where train writes, when <out-dir> has none)")
     resume: bool = opt(False, "system", "train: continue from <out-dir>/last.pt")
     panel_every: int = opt(500, "system", "train: write a panel PNG every this many steps (0: only at the end)")
     ckpt_every: int = opt(500, "system", "train: write last.pt every this many steps (and at the end)")
@@ -134,67 +151,14 @@ class Config:
     debug: bool = opt(False, "system", "show the full traceback on errors")
 
 
-# The fields that define the network and its training target: sample and eval take these from the
-# checkpoint, whatever the command line says.
-MODEL_FIELDS = ("timesteps", "schedule", "pred", "base_ch", "ch_mult", "num_res_blocks", "self_cond", "coord_conv")
-
-
-class UserError(Exception):
-    """A problem the user can fix; main() prints it on one line. exit_code 2 = usage, 1 = runtime."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def parse_ch_mult(text: str) -> tuple[int, ...]:
-    try:
-        mults = tuple(int(m) for m in text.split(","))
-    except ValueError:
-        mults = ()
-    if not mults or min(mults) < 1:
-        raise UserError(f"--ch-mult must be positive integers separated by commas, like 1,2,2; got {text!r}", 2)
-    return mults
-
-
-def check_config(cfg: Config) -> None:
-    """Reject values that cannot work, naming the flag and the allowed range."""
-    rules = [
-        (0 < cfg.hole < IMAGE_SIZE, f"--hole must be between 1 and {IMAGE_SIZE - 1}"),
-        (cfg.timesteps >= 2, "--timesteps must be at least 2"),
-        (cfg.base_ch >= 8 and cfg.base_ch % 8 == 0, "--base-ch must be a positive multiple of 8"),
-        (cfg.num_res_blocks >= 1, "--num-res-blocks must be at least 1"),
-        (cfg.steps >= 1, "--steps must be at least 1"),
-        (cfg.time_budget >= 0, "--time-budget must be 0 (off) or a number of minutes"),
-        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (cfg.warmup >= 0, "--warmup must be 0 or more"),
-        (0 <= cfg.min_lr_frac <= 1, "--min-lr-frac must be in [0, 1]"),
-        (cfg.weight_decay >= 0, "--weight-decay must be 0 or more"),
-        (cfg.grad_clip >= 0, "--grad-clip must be 0 or more"),
-        (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-        (cfg.p2_gamma >= 0 and cfg.p2_k > 0, "--p2-gamma must be 0 or more and --p2-k positive"),
-        (cfg.hole_weight > 0, "--hole-weight must be positive"),
-        (1 <= cfg.ddim_steps <= cfg.timesteps, f"--ddim-steps must be between 1 and --timesteps ({cfg.timesteps})"),
-        (cfg.eta >= 0, "--eta must be 0 or more"),
-        (cfg.dc_repeats >= 1, "--dc-repeats must be at least 1"),
-        (cfg.num_samples >= 1, "--num-samples must be at least 1"),
-        (cfg.n_eval >= 1, "--n-eval must be at least 1"),
-        (cfg.panel_every >= 0 and cfg.ckpt_every >= 1, "--panel-every must be 0 or more and --ckpt-every at least 1"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message, 2)
-    parse_ch_mult(cfg.ch_mult)
-
-
-# -----------------------------------------------------------------------------------------------
-# Data & masks
+# %% [markdown]
+# ## 2. Data and masks
 #
 # Every image is a (1, 32, 32) tensor in [-1, 1] (white digit on black: -1 is background). The known
 # mask m is 1 on known pixels and 0 in the hole; the observation is y = m * x0, so the hole reads 0
 # (mid-grey) and the network also gets m itself to tell a grey pixel from a missing one.
-# -----------------------------------------------------------------------------------------------
+
+# %%
 @dataclass
 class Data:
     name: str  # "mnist" or "mnist5k"
@@ -211,9 +175,6 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def load_full_mnist(data_dir: str) -> Data:
     """Full MNIST (60k/10k) through torchvision: local files if present, else a download."""
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
     from torchvision.datasets import MNIST
 
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # torchvision prints each mirror it tries
@@ -260,108 +221,6 @@ def load_data(cfg: Config) -> Data:
     return load_mnist5k()
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def read_image_array(path: Path, what: str) -> np.ndarray:
-    """A 2-D (H, W) or 3-D (N, H, W) / 4-D (N, 1, H, W) array from a PNG/JPEG or .npy/.npz file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix in IMAGE_SUFFIXES:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                return np.asarray(im.convert("L"))  # colour -> grayscale
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as arrays:
-                if len(arrays.files) != 1:
-                    raise UserError(f"{what} {path} holds {len(arrays.files)} arrays ({', '.join(arrays.files)}); "
-                                    "save exactly one")
-                return arrays[arrays.files[0]]
-    except UserError:
-        raise
-    except Exception as e:  # PIL and numpy raise many kinds for a file that is not what its name says
-        raise UserError(f"{what} {path} is not a readable image or array ({type(e).__name__}: {e})") from e
-    raise UserError(f"{what} {path} is not a PNG/JPEG image or a .npy/.npz array")
-
-
-def to_unit_float(a: np.ndarray, what: str) -> torch.Tensor:
-    """uint8 0-255 or float 0-1 -> float32 tensor in [0, 1]."""
-    if a.dtype == np.uint8:
-        return torch.from_numpy(a.astype(np.float32) / 255.0)
-    if np.issubdtype(a.dtype, np.floating):
-        if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
-            raise UserError(f"{what}: float values must lie in [0, 1], got [{a.min():.3g}, {a.max():.3g}]; "
-                            "scale them, or pass uint8 0-255")
-        return torch.from_numpy(a.astype(np.float32))
-    raise UserError(f"{what}: dtype {a.dtype} is not supported; use uint8 0-255 or float 0-1")
-
-
-def resize_to_model(x: torch.Tensor, what: str, mode: str = "bilinear") -> torch.Tensor:
-    """(N, 1, H, W) -> (N, 1, 32, 32), with a one-line notice when the size changes."""
-    if tuple(x.shape[-2:]) == (IMAGE_SIZE, IMAGE_SIZE):
-        return x
-    print(f"note: resizing {what} from {x.shape[-2]}x{x.shape[-1]} to {IMAGE_SIZE}x{IMAGE_SIZE}")
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode=mode, **kwargs)
-
-
-def load_images(path_text: str, invert: bool) -> tuple[torch.Tensor, list[str]]:
-    """Your own digits: (N, 1, 32, 32) in [-1, 1] and a name for each (file stem, or the array index).
-
-    MNIST polarity is assumed (white digit on black); --invert flips dark-on-light scans.
-    """
-    path = Path(path_text)
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"--images folder {path} has no PNG/JPEG files")
-        arrays = [read_image_array(f, "--images file") for f in files]
-        sizes = {a.shape for a in arrays}
-        if len(sizes) > 1:  # resize each to 32x32 first so that they stack
-            arrays = [resize_to_model(to_unit_float(a, str(f))[None, None], f"{f.name}")[0, 0].numpy()
-                      for a, f in zip(arrays, files)]
-        x, names = to_unit_float(np.stack(arrays), "--images"), [f.stem for f in files]
-    elif path.is_file():
-        a = read_image_array(path, "--images")
-        if a.ndim == 4 and a.shape[1] == 1:
-            a = a[:, 0]
-        elif a.ndim == 2:  # one image
-            a = a[None]
-        if a.ndim != 3 or min(a.shape) == 0:
-            raise UserError(f"--images {path} has shape {a.shape}; expected (N, H, W) or (N, 1, H, W)")
-        x = to_unit_float(a, f"--images {path}")
-        names = [path.stem] if path.suffix.lower() in IMAGE_SUFFIXES else [f"{i:05d}" for i in range(len(x))]
-    else:
-        raise UserError(f"--images {path} does not exist; pass a folder of PNG/JPEG files or a .npy/.npz file")
-    x = resize_to_model(x[:, None], f"{len(x)} image(s)")
-    if invert:
-        x = 1 - x
-    return x.clamp(0, 1).mul(2).sub(1), names
-
-
-def load_mask(path_text: str) -> torch.Tensor:
-    """Known mask (1, 1, 32, 32) from a PNG or array: 1 (or 255) = known, 0 = hole."""
-    path = Path(path_text)
-    if not path.is_file():
-        raise UserError(f"--mask {path} does not exist; pass a PNG or .npy/.npz file (1 or 255 = known)")
-    a = read_image_array(path, "--mask")
-    a = a.reshape(a.shape[-2:]) if a.ndim > 2 and math.prod(a.shape[:-2]) == 1 else a
-    if a.ndim != 2:
-        raise UserError(f"--mask {path} has shape {a.shape}; expected one (H, W) mask")
-    if not (a.dtype == bool or np.issubdtype(a.dtype, np.number)):
-        raise UserError(f"--mask {path}: dtype {a.dtype} is not a number type")
-    a = a.astype(np.float32)
-    a = a / 255.0 if a.max() > 1 else a  # 0/255 PNGs and 0/1 arrays alike
-    m = resize_to_model(torch.from_numpy(a)[None, None], "--mask", mode="nearest")
-    m = (m > 0.5).float()
-    if m.min() > 0:
-        raise UserError(f"--mask {path} has no hole pixels (0 = hole); nothing to inpaint")
-    return m
-
-
 def centre_mask(hole: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Known mask (1, 1, size, size): 1 = known pixel, 0 = the centre hole of side `hole`."""
     m = torch.ones(1, 1, size, size)
@@ -370,18 +229,27 @@ def centre_mask(hole: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     return m
 
 
-# -----------------------------------------------------------------------------------------------
-# Noise schedule
+# %% [markdown]
+# ## 3. Noise schedule
 #
 # The forward process (DDPM eq. 4) jumps straight to any noise level t:
+#
 #     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps,     eps ~ N(0, I),   t = 0 .. T-1.
+#
 # alpha_bar_t = prod_{s<=t} (1 - beta_s) falls from ~1 (clean) to ~0 (pure noise). The linear schedule
 # (DDPM) spaces beta_t evenly; the cosine schedule (improved DDPM eq. 17) sets
+#
 #     alpha_bar(t) = f(t) / f(0),  f(t) = cos^2(((t / T + s) / (1 + s)) * pi / 2),  s = 0.008,
+#
 # which destroys information more evenly over t, a better use of steps for small images.
-# The network can predict eps, x0, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0; kernels.py
-# turns any of them into the pair (x0_hat, eps_hat) that the sampler needs.
-# -----------------------------------------------------------------------------------------------
+# The network can predict eps, x0 or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0; each gives an
+# estimate x0_hat of the clean image (`kernels.predict_x0`, used by training and sampling alike):
+#
+#     eps: x0_hat = (x_t - sqrt(1 - alpha_bar) out) / sqrt(alpha_bar)
+#     v:   x0_hat = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) out
+#     x0:  x0_hat = out                                               then clipped to [-1, 1].
+
+# %%
 def make_alpha_bar(kind: str, T: int) -> torch.Tensor:
     """alpha_bar_t for t = 0 .. T-1, float64, strictly decreasing inside (0, 1)."""
     if kind == "linear":
@@ -411,15 +279,16 @@ class Schedule:
         return ab.sqrt(), (1 - ab).sqrt(), ab / (1 - ab)
 
 
-# -----------------------------------------------------------------------------------------------
-# U-Net
+# %% [markdown]
+# ## 4. U-Net
 #
 # A DDPM-style U-Net, small enough for a CPU: the timestep enters through a sinusoidal embedding and
 # an MLP, and is added inside every ResBlock (GroupNorm -> SiLU -> conv, twice). Each level halves the
 # resolution (32 -> 16 -> 8 with three levels); the way up concatenates the matching activations of
 # the way down (skip connections). The input stacks [x_t, m, y] (3 channels), plus the previous x0
 # estimate with self-conditioning (Chen et al. 2022) and two coordinate maps with coord-conv.
-# -----------------------------------------------------------------------------------------------
+
+# %%
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer-style sinusoidal embedding of integer timesteps: (B,) -> (B, dim)."""
     half = dim // 2
@@ -523,15 +392,18 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def parse_ch_mult(text: str) -> tuple[int, ...]:
+    try:
+        mults = tuple(int(m) for m in text.split(","))
+    except ValueError:
+        mults = ()
+    if not mults or min(mults) < 1:
+        raise UserError(f"--ch-mult must be positive integers separated by commas, like 1,2,2; got {text!r}", 2)
+    return mults
+
+
 def build_model(cfg: Config) -> UNet:
     return UNet(cfg.base_ch, parse_ch_mult(cfg.ch_mult), cfg.num_res_blocks, cfg.self_cond, cfg.coord_conv)
-
-
-def speed_up(model: nn.Module, cfg: Config) -> nn.Module:
-    """The speed options that do not change the maths: memory format and compilation."""
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.compile else model
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -541,27 +413,23 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-# -----------------------------------------------------------------------------------------------
-# Training (DDPM Algorithm 1, conditioned on the observation)
+# %% [markdown]
+# ## 5. Training (DDPM Algorithm 1, conditioned on the observation)
 #
 # Repeat: take clean digits x0, a level t ~ U{0..T-1} and noise eps; form x_t (forward process); ask the
 # network for its target given (x_t, t, m, y); minimise the weighted squared error
+#
 #     L = lambda_t * sum_i w_i (out_i - target_i)^2 / sum_i w_i,
 #     target = eps | v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 | x0,
 #     lambda_t = 1 / (k + SNR_t)^gamma  (P2 eq. 8; gamma = 0 gives the plain DDPM loss),
 #     w_i = hole_weight inside the hole, 1 on known pixels.
+#
 # Known pixels still carry loss: there the target is easy to read off y, which teaches the network
-# the noise level, but only the hole matters at test time, hence --hole-weight.
-# -----------------------------------------------------------------------------------------------
-def predict_x0(out: torch.Tensor, x_t: torch.Tensor, sqrt_ab, sqrt_1m_ab, pred: str) -> torch.Tensor:
-    """The network's estimate of x0 for any prediction target (training-time, batched t)."""
-    if pred == "eps":
-        return (x_t - sqrt_1m_ab * out) / sqrt_ab
-    if pred == "v":
-        return sqrt_ab * x_t - sqrt_1m_ab * out
-    return out
+# the noise level, but only the hole matters at test time, hence --hole-weight. Around the gradient
+# step: warmup then cosine decay of the learning rate, gradient clipping, and an exponential moving
+# average (EMA) of the weights, which is what samples.
 
-
+# %%
 def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     B, device = x0.shape[0], x0.device
     t = torch.randint(0, sched.T, (B,), generator=gen, device=device)
@@ -577,7 +445,7 @@ def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: tor
         # that the sampler would feed from its previous step.
         with torch.no_grad(), autocast_ctx:
             first = model(x_t, t, known_mask, y).float()
-        x0_sc = predict_x0(first, x_t, sqrt_ab, sqrt_1m_ab, cfg.pred).clamp(-1, 1)
+        x0_sc = kernels.predict_x0(x_t, first, sqrt_ab, sqrt_1m_ab, cfg.pred)
 
     with autocast_ctx:
         out = model(x_t, t, known_mask, y, x0_sc).float()
@@ -602,6 +470,325 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
     d = min(decay, (1 + step) / (10 + step))
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.lerp_(p, 1 - d)
+
+
+def train(cfg: Config) -> int:
+    """Train the U-Net by Algorithm 1 (with EMA, the learning-rate schedule and clipping); returns the
+    exit code. `run` (Part II) keeps the books: device and processes, the output folder and its lock,
+    resume, checkpoints, Ctrl-C, the NaN stop, progress and panels. None of it changes the maths."""
+    with TrainingRun(cfg) as run:
+        torch.manual_seed(cfg.seed)  # the initial weights (the same in every process)
+        data = load_data(cfg)
+        model = build_model(cfg).to(run.device)
+        ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = Schedule(cfg.schedule, cfg.timesteps, run.device)
+        known_mask = centre_mask(cfg.hole).to(run.device)  # (1, 1, H, W): training sees the centre hole
+        train_x = data.train.to(run.device)  # (N, 1, H, W): small enough to keep on the device
+        net = run.start(model, ema, opt, data, sched, known_mask)  # also draws panels of 10 test digits
+        model.train()
+        while run.keep_going():
+            for group in opt.param_groups:
+                group["lr"] = lr_at(run.step, run.progress(), cfg)
+            # Algorithm 1: x0 ~ q(x0) (line 2); t, eps and the loss inside diffusion_loss (lines 3-5).
+            idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen).to(run.device)
+            loss = diffusion_loss(net, sched, train_x[idx], known_mask, cfg, run.noise_gen)
+            run.check_finite(loss)  # a NaN must be caught before it reaches the weights
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema_update(ema, model, cfg.ema_decay, run.step)
+            run.step_done()  # logs, panels and checkpoints at their intervals
+        return run.finish()
+
+
+# %% [markdown]
+# ## 6. DDIM inpainting with data consistency
+#
+# DDIM walks a short, evenly spaced subsequence of levels T-1 = tau_1 > ... > tau_S = 0, then to
+# "-1", the clean image (alpha_bar = 1). Each step asks the network for x0_hat at the current level t,
+# derives eps_hat = (x_t - sqrt(alpha_bar_t) x0_hat) / sqrt(1 - alpha_bar_t), and moves to t_prev by
+# DDIM eq. 12:
+#
+#     x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z,
+#     sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev),
+#
+# with z ~ N(0, I); eta = 0 makes the walk deterministic given the start noise, eta = 1 gives DDPM's
+# posterior variance. Data consistency (RePaint sec. 4.1): after each step the known pixels are
+# replaced by the observation noised to the new level, sqrt(alpha_bar_prev) y + sqrt(1 - alpha_bar_prev)
+# z', so hole and context stay at the same noise level and the final image equals y on every known
+# pixel. Resampling (RePaint sec. 4.2): with --dc-repeats R, R - 1 times the step's result is sent back
+# to level t with the forward transition q(x_t | x_prev) = N(sqrt(alpha_bar_t / alpha_bar_prev) x_prev,
+# (1 - alpha_bar_t / alpha_bar_prev) I) and the step is taken again, letting the hole harmonise with the
+# pasted context. The step and the paste are one fused call, `kernels.ddim_dc_step`; its plain-PyTorch
+# reference, `kernels.ddim_dc_step_ref`, is these equations line by line.
+
+# %%
+def noise_key(seed: int, digit: int, sample: int) -> int:
+    """The 64-bit key of one digit's sampling noise: a hash of (seed, digit index, sample index)."""
+    state = np.random.SeedSequence([seed, int(digit), int(sample)]).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+class NoiseStream:
+    """Gaussian noise keyed by (seed, digit index, sample index): one CPU generator per image.
+
+    Each image draws from its own generator, so its noise does not depend on the batch size or on
+    which other digits share the batch; the draws are made on the CPU and moved to the device, so a
+    seed gives the same noise on every device. The sampler numbers its draws (see ddim_inpaint);
+    a generator makes them in that order, so the numbers must only increase.
+    """
+
+    keys = None  # no keys for in-kernel draws: the fused step loads these tensors
+
+    def __init__(self, seed: int, keys, shape=(1, IMAGE_SIZE, IMAGE_SIZE), device="cpu"):
+        self.shape, self.device, self.last_draw = tuple(shape), device, -1
+        self.gens = [torch.Generator().manual_seed(noise_key(seed, digit, sample)) for digit, sample in keys]
+
+    def randn(self, draw: int) -> torch.Tensor:
+        assert draw > self.last_draw, "CPU generators draw in order: draw numbers must increase"
+        self.last_draw = draw
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """`steps` integer levels, evenly spaced from T-1 down to 0 (both ends included)."""
+    return [int(t) for t in np.round(np.linspace(T - 1, 0, steps)).astype(np.int64)]
+
+
+@torch.no_grad()
+def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config, on_step=None):
+    """Fill the hole of y (B, 1, H, W) by DDIM with data consistency; returns x0 (B, 1, H, W) in [-1, 1].
+
+    `noise` is a NoiseStream or a PhiloxNoise. `on_step(t, x_t, x0_hat)`, if given, sees the state
+    after every step (for trajectory pictures).
+    """
+    B, device = y.shape[0], y.device
+    ab = sched.alpha_bar64
+    ts = ddim_timesteps(sched.T, cfg.ddim_steps)
+    known = known_mask > 0.5
+    R = cfg.dc_repeats
+    # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 3 (i R + r) + 0 (z), + 1 (the noise of
+    # the pasted y) and + 2 (RePaint's resampling). With PhiloxNoise on the Triton path the fused step
+    # draws z and the known-pixel noise itself, from the same numbers.
+    in_kernel = noise.keys is not None and kernels.uses_triton(y, cfg.backend)
+    want_x0 = model.self_cond or on_step is not None  # else nothing reads x0_hat: skip writing it
+
+    # x_T: noise in the hole, the observation noised to level T-1 on the known pixels.
+    a, s = math.sqrt(ab[ts[0]]), math.sqrt(1 - ab[ts[0]])
+    x = noise.randn(0)
+    x = torch.where(known, a * y + s * noise.randn(1), x)
+    x0_hat = torch.zeros_like(x) if model.self_cond else None
+
+    for i, t in enumerate(ts):
+        ab_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0  # alpha_bar at "-1" is 1: clean
+        c = kernels.ddim_step_coeffs(float(ab[t]), ab_prev, cfg.eta)
+        t_batch = torch.full((B,), t, device=device, dtype=torch.long)
+        for r in range(R):
+            draw = 2 + 3 * (i * R + r)
+            with autocast(cfg, device):
+                out = model(x, t_batch, known_mask, y, x0_hat).float()
+            if in_kernel:
+                x_prev, x0_hat = kernels.ddim_dc_step(x, out, y, known_mask, c, cfg.pred, backend=cfg.backend,
+                                                      keys=noise.keys, draw=draw, want_x0=want_x0)
+            else:
+                x_prev, x0_hat = kernels.ddim_dc_step(
+                    x, out, y, known_mask, c, cfg.pred,
+                    noise=noise.randn(draw) if c.sigma > 0 else None,
+                    known_noise=noise.randn(draw + 1) if c.sqrt_1m_ab_prev > 0 else None,
+                    backend=cfg.backend, want_x0=want_x0)
+            if r < R - 1:  # RePaint: back to level t, then step again
+                ratio = float(ab[t]) / ab_prev
+                x = math.sqrt(ratio) * x_prev + math.sqrt(1 - ratio) * noise.randn(draw + 2)
+        x = x_prev
+        if on_step is not None:
+            on_step(t, x, x0_hat)
+    return x
+
+
+def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: int = 0, progress: str = ""):
+    """Inpaint the digits x0 (N, 1, H, W) in batches, with noise keyed by (seed, index, sample).
+
+    `progress`, if given, labels a progress bar (digits done, rate and ETA). On CUDA with Philox
+    noise, each batch replays a CUDA graph of the whole DDIM loop (see graphed_inpaint).
+    """
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(total=len(x0), desc=progress, unit="digit", disable=not progress, leave=False) as bar:
+        for lo in range(0, len(x0), cfg.batch_size):
+            batch = x0[lo:lo + cfg.batch_size].to(device)
+            keys = [(i, sample) for i in indices[lo:lo + cfg.batch_size]]
+            noise = make_noise(cfg, keys, batch.shape[1:], device)
+            if cfg.cuda_graph and device.type == "cuda" and noise.keys is not None:  # Philox noise
+                parts.append(graphed_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
+            else:
+                parts.append(ddim_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
+            bar.update(len(batch))
+    return torch.cat(parts)
+
+
+# %% [markdown]
+# ## 7. Evaluation
+#
+# Only the hole is scored: the known pixels are copied from y and would only flatter the numbers.
+# For each test digit, on [0, 1] images:
+#
+#     PSNR = 10 log10(1 / MSE_hole),   L1 = mean |pred - target| over the hole,
+#
+# then the mean over digits, with a 95% bootstrap interval of that mean. A single DDIM sample is one
+# plausible digit; the mean of K samples and the network's one-call x0_hat at t = T-1 estimate the
+# posterior mean E[x0 | y] instead, which scores higher but looks blurred. Beside them, fills that need
+# no network show what learning adds: zero (black) fill, the mean training image, the nearest training
+# digit on the known pixels (1-NN copy) and the mean of the 10 nearest (10-NN).
+
+# %%
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], the range the metrics and PNGs use."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+PERFECT_FILL_DB = 100.0  # the table counts a pixel-perfect fill (PSNR = +inf) as 100 dB: its means stay finite
+
+
+def psnr_on_mask(pred, target, known_mask, backend: str = "auto", per_image: bool = False,
+                 perfect_db: float = math.inf):
+    """Hole-only PSNR in dB of [0, 1] images (data range 1): the one implementation eval uses.
+
+    Each image's PSNR is 10 log10(1 / MSE), the MSE averaged over its hole pixels only
+    (known_mask == 0); values above `perfect_db` count as `perfect_db` (a pixel-perfect fill gives +inf,
+    the eval table passes PERFECT_FILL_DB). An image with no hole pixels gives NaN. Returns the (B,)
+    values with per_image, else their mean over the images that have a hole (NaN if none has one).
+    """
+    per = kernels.masked_psnr(pred, target, known_mask, backend).clamp(max=perfect_db)
+    return per if per_image else per.nanmean().item()
+
+
+def l1_on_mask(pred, target, known_mask, backend: str = "auto", per_image: bool = False):
+    """Hole-only L1 of [0, 1] images: each image's mean |pred - target| over its hole pixels.
+
+    A perfect fill gives 0; an image with no hole pixels gives NaN. Returns the (B,) values with
+    per_image, else their mean over the images that have a hole (NaN if none has one).
+    """
+    per = kernels.masked_l1(pred, target, known_mask, backend)
+    return per if per_image else per.nanmean().item()
+
+
+def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
+    """(1-NN copy, k-NN mean) of the test digits, neighbours chosen by L2 distance on known pixels."""
+    m = known_mask.cpu().flatten()
+    train_known = train_x.flatten(1) * m
+    nn1, nnk = [], []
+    for lo in range(0, len(test_x), chunk):
+        q = test_x[lo:lo + chunk].flatten(1) * m
+        idx = torch.cdist(q, train_known).topk(k, largest=False).indices  # (n, k), nearest first
+        nn1.append(train_x[idx[:, 0]])
+        nnk.append(train_x[idx].mean(1))
+    return torch.cat(nn1), torch.cat(nnk)
+
+
+def baseline_fills(train_x, x0, known_mask) -> dict[str, tuple[torch.Tensor, float]]:
+    """The fills that need no learning, each as (digits with the known pixels kept, seconds taken)."""
+    t0 = time.time()
+    nn1, nn10 = knn_fills(train_x, x0, known_mask)
+    knn_secs = time.time() - t0
+    fills = {"zero (black) fill": (torch.full_like(x0, -1.0), 0.0),
+             "train-mean fill": (train_x.mean(0, keepdim=True).expand_as(x0), 0.0),
+             "1-NN copy": (nn1, knn_secs), "10-NN mean": (nn10, knn_secs)}
+    return {name: (torch.where(known_mask > 0.5, x0, fill), secs) for name, (fill, secs) in fills.items()}
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def score(pred, target, known_mask, backend, device=torch.device("cpu")) -> dict:
+    """Hole PSNR and L1 of [-1, 1] predictions, computed on `device`: means over the digits and 95% intervals."""
+    p, t, m = to_unit(pred).to(device), to_unit(target).to(device), known_mask.to(device)
+    psnr = psnr_on_mask(p, t, m, backend, per_image=True, perfect_db=PERFECT_FILL_DB).double().cpu().numpy()
+    l1 = l1_on_mask(p, t, m, backend, per_image=True).double().cpu().numpy()
+    return {"psnr": float(psnr.mean()), "psnr_ci95": bootstrap_ci(psnr),
+            "l1": float(l1.mean()), "l1_ci95": bootstrap_ci(l1)}
+
+
+def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device) -> dict[str, dict]:
+    """Score every method on the digits x0 (N, 1, H, W): {method: PSNR and L1 with intervals, NFE, seconds}."""
+    indices, mask = list(range(len(x0))), known_mask.to(device)
+
+    def timed(fn):
+        t0 = time.time()
+        return fn(), time.time() - t0
+
+    # The DDIM samples: sample 0 is "a single sample"; the mean of K approximates the posterior mean.
+    K, nfe = cfg.num_samples, cfg.ddim_steps * cfg.dc_repeats
+    samples, sample_secs = zip(*[timed(lambda k=k: inpaint_digits(
+        model, sched, x0, indices, mask, cfg, device, sample=k, progress=f"sample {k + 1}/{K}")) for k in range(K)])
+    # One network call at t = T-1 (the hole is pure noise): x0_hat there estimates E[x0 | y] directly.
+    one_call_cfg = replace(cfg, ddim_steps=1, dc_repeats=1)
+    one_call, one_call_secs = timed(lambda: inpaint_digits(model, sched, x0, indices, mask, one_call_cfg, device))
+    methods = {  # name: (prediction, network evaluations per digit, seconds)
+        f"DDIM sample ({cfg.ddim_steps} steps)": (samples[0], nfe, sample_secs[0]),
+        f"mean of {K} DDIM samples": (torch.stack(samples).mean(0), K * nfe, sum(sample_secs)),
+        "one-call x0_hat (t = T-1)": (one_call, 1, one_call_secs),
+        **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(train_x, x0, known_mask).items()},
+    }
+    return {name: {**score(pred, x0, known_mask, cfg.backend, device), "nfe": nfe_, "seconds": secs}
+            for name, (pred, nfe_, secs) in methods.items()}
+
+
+# %% [markdown]
+# ## Try it
+#
+# A tiny run from end to end: train the default U-Net for 300 steps on the bundled digits, inpaint the
+# first ten test digits and show the panel (ground truth, masked, filled): 71 s on a 2-core CPU, and
+# the digits already read as digits. The real run is `make train` (2,000 steps). In a notebook, this
+# cell runs it.
+
+# %%
+def try_it(steps: int = 300, out_dir: str = "outputs/try_it", **overrides) -> Path:
+    """Train a small run, inpaint ten test digits; returns the panel PNG (also written every 100 steps)."""
+    cfg = Config(data="mnist5k", steps=steps, batch_size=64, warmup=min(100, steps // 4), panel_every=100,
+                 ckpt_every=max(steps, 1), out_dir=out_dir, **overrides)
+    if train(cfg) != 0:
+        raise RuntimeError("training stopped early (interrupted?)")
+    return Path(out_dir) / "panel_final.png"
+
+
+if __name__ == "__main__" and "ipykernel" in sys.modules:  # a notebook kernel, not `python ddim_inpaint.py`
+    from IPython.display import Image, display
+
+    import ddim_inpaint as lesson  # this file as a module, with Part II (below), which train() calls
+
+    display(Image(lesson.try_it()))
+
+
+# %% [markdown]
+# # Part II: the tooling
+#
+# ===============================================================================================
+# Nothing below changes the maths of Part I. Here live the run's bookkeeping (atomic checkpoints and
+# resume, the output-folder lock, Ctrl-C and SIGTERM, the NaN stop, data-parallel training) gathered
+# in `TrainingRun`; fast sampling on a GPU (Philox noise drawn in the fused step, CUDA graphs); your
+# own images and masks; loading a trained model for sample and eval; sweep, collect and the
+# benchmarks; config checks and the command line. Part I calls into it through `TrainingRun`,
+# `make_noise` and `graphed_inpaint`.
+# ===============================================================================================
+
+# %%
+# -----------------------------------------------------------------------------------------------
+# Run bookkeeping: checkpoints, devices, folders, the lock, signals, DDP, the training run
+# -----------------------------------------------------------------------------------------------
+CKPT_FORMAT = "ddim-inpaint"  # written into every checkpoint, checked on load
+CKPT_VERSION = 1
+# The fields that define the network and its training target: sample and eval take these from the
+# checkpoint, whatever the command line says.
+MODEL_FIELDS = ("timesteps", "schedule", "pred", "base_ch", "ch_mult", "num_res_blocks", "self_cond", "coord_conv")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -643,20 +830,27 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out_dir(cfg: Config) -> Path:
-    out = Path(cfg.out_dir)
+def writable_dir(path_text: str, flag: str) -> Path:
+    """Create the folder if needed and prove it can be written, before any long work starts."""
+    folder = Path(path_text)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"  # per process: DDP ranks probe the same folder at once
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"  # per process: DDP ranks probe the same folder at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out} ({e.strerror}); choose a writable folder") from e
-    return out
+        raise UserError(f"cannot write to {flag} {folder} ({e.strerror}); choose a writable folder") from e
+    return folder
 
 
 def ckpt_path(cfg: Config) -> Path:
-    return Path(cfg.ckpt) if cfg.ckpt else Path(cfg.out_dir) / "last.pt"
+    """The checkpoint sample, eval and sweep read: --ckpt if given, else <out-dir>/last.pt, else (when
+    <out-dir> has none) the default training folder's last.pt, so `sample --out-dir X` reads what
+    `make train` wrote and writes its pictures to X."""
+    if cfg.ckpt:
+        return Path(cfg.ckpt)
+    own, trained = Path(cfg.out_dir) / "last.pt", Path(Config.out_dir) / "last.pt"
+    return trained if not own.is_file() and trained.is_file() else own
 
 
 class OutDirLock:
@@ -699,15 +893,24 @@ class OutDirLock:
         self.path.unlink(missing_ok=True)
 
 
-def train(cfg: Config) -> int:
-    dist = Distributed.from_env()
-    device = dist.device if dist.world > 1 else pick_device(cfg.device)
-    out = prepare_out_dir(cfg)
-    with OutDirLock(out, cfg.force) if dist.is_main else nullcontext():
-        try:
-            return training_run(cfg, device, out, dist)
-        finally:
-            dist.close()
+class stop_on_signals:
+    """Within `with stop_on_signals() as stop:`, Ctrl-C or SIGTERM appends its name to `stop` instead
+    of killing the process, so the training loop can finish its step and save a checkpoint."""
+
+    def __enter__(self):
+        self.stop: list[str] = []
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, lambda signum, _: self.stop.append(signal.Signals(signum).name))
+            except ValueError:  # not the main thread: leave the default handlers alone
+                pass
+        return self.stop
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}  # restored once, however often exit is called
 
 
 @dataclass
@@ -774,203 +977,197 @@ class Distributed:
             torch_dist.destroy_process_group()
 
 
-def training_run(cfg: Config, device: torch.device, out: Path, dist: Distributed) -> int:
-    """Algorithm 1 with the trimmings: EMA, warmup + cosine LR, clipping, panels, atomic checkpoints."""
-    from tqdm import tqdm
-
-    if cfg.batch_size % dist.world:
-        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {dist.world} processes", 2)
-    log = print if dist.is_main else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    data = load_data(cfg) if dist.is_main else quiet(load_data, cfg)
-    model = build_model(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = Schedule(cfg.schedule, cfg.timesteps, device)
-    known_mask = centre_mask(cfg.hole).to(device)
-    train_x = data.train.to(device)
-    rank_seed = cfg.seed + 1000 * dist.rank  # each rank its own digits and noise
-    data_gen = torch.Generator().manual_seed(rank_seed)  # which digits go into each batch (CPU)
-    noise_gen = torch.Generator(device).manual_seed(rank_seed + 1)  # t, eps, self-cond coin (device)
-
-    step, elapsed_before = 0, 0.0
-    path = out / "last.pt"
-    if cfg.resume:
-        ckpt = load_checkpoint(path)
-        model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt["ema"] is not None:
-            ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
-        if dist.world == 1:  # bit-exact continuation; ranks > 1 reseed from (seed, rank, step) instead
-            data_gen.set_state(ckpt["rng"]["data"])
-            noise_gen.set_state(ckpt["rng"]["noise"])
-        else:
-            data_gen.manual_seed(rank_seed + 7919 * step)
-            noise_gen.manual_seed(rank_seed + 7919 * step + 1)
-        log(f"resumed from {path} at step {step}")
-    start_step = step
-    net = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = speed_up(net, cfg)
-
-    saved_at = [step]
-
-    def checkpoint():
-        if saved_at[0] == step and step > start_step:
-            return  # already written at this step
-        saved_at[0] = step
-        gap = dist.weight_gap(model)  # collective: every rank takes part
-        for name, m in (("model", model), ("EMA", ema)):
-            if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
-                raise UserError(f"the {name} weights are no longer finite at step {step}; {path} keeps the last "
-                                "good weights; lower --lr or raise --warmup and --resume")
-        if dist.is_main:
-            save_checkpoint(path, {
-                "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step, "config": asdict(cfg),
-                "elapsed_s": elapsed(), "world_size": dist.world, "rank_weight_gap": gap,
-                "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
-                "optimizer": opt.state_dict(), "rng": {"data": data_gen.get_state(), "noise": noise_gen.get_state()},
-            })
-
-    budget_s = 60.0 * cfg.time_budget
-    t0 = time.time()
-
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t0
-
-    def progress() -> float:
-        """Fraction of the run done: of --steps, or of --time-budget when one is set."""
-        return min(1.0, elapsed() / budget_s) if budget_s else step / cfg.steps
-
-    n_params = sum(p.numel() for p in model.parameters())
-    length = f"{cfg.time_budget:g} minutes" if budget_s else f"{cfg.steps} steps"
-    log(f"training {n_params / 1e6:.2f}M-parameter U-Net on {data.name} ({len(train_x)} digits), {length} "
-        f"of {cfg.batch_size} images on {dist.world} x {device}, amp={cfg.amp}")
-    panel_digits = data.test[:10].to(device)
-    loss_ema = 0.0
-    model.train()
-    bar = tqdm(total=round(budget_s) if budget_s else cfg.steps, initial=round(elapsed_before) if budget_s else step,
-               desc="train", unit="s" if budget_s else "step", dynamic_ncols=True, disable=not dist.is_main)
-    with stop_on_signals() as stop:
-        while True:
-            # Every rank must agree to stop, at the same step: a signal on any rank, or the budget spent.
-            stop_votes, time_up = dist.sum([float(bool(stop)), float(budget_s > 0 and elapsed() >= budget_s)])
-            if stop_votes or time_up or (not budget_s and step >= cfg.steps):
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, progress(), cfg)
-            idx = torch.randint(0, len(train_x), (cfg.batch_size // dist.world,), generator=data_gen).to(device)
-            loss = diffusion_loss(net, sched, train_x[idx], known_mask, cfg, noise_gen)
-            # .item() syncs a GPU, but a NaN must be caught before it reaches the weights.
-            loss_value = dist.sum([loss.item()])[0] / dist.world
-            if not math.isfinite(loss_value):
-                bar.close()
-                raise UserError(f"the loss became {loss_value} at step {step + 1}; {path} keeps the last good "
-                                "weights; lower --lr or raise --warmup and --resume")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema_update(ema, model, cfg.ema_decay, step)
-            step += 1
-            bar.update(round(elapsed()) - bar.n if budget_s else 1)
-
-            loss_ema = 0.98 * loss_ema + 0.02 * loss_value
-            if step % 10 == 0:
-                debiased = loss_ema / (1 - 0.98 ** (step - start_step))  # EMA started at zero: undo its bias
-                bar.set_postfix(step=step, loss=f"{debiased:.4f}", lr=f"{lr_at(step - 1, progress(), cfg):.2e}")
-            if cfg.panel_every and step % cfg.panel_every == 0 and dist.is_main:
-                save_panel(ema or model, sched, cfg, panel_digits, known_mask, out / f"panel_{step:06d}.png")
-            if step % cfg.ckpt_every == 0:
-                checkpoint()
-    bar.close()
-    checkpoint()
-    if stop_votes:
-        log(f"stopped by {stop[0] if stop else 'a signal to another rank'} at step {step}: checkpoint {path}; "
-            "continue with --resume", file=sys.stderr)
-        return 130
-    if dist.is_main:
-        save_panel(ema or model, sched, cfg, panel_digits, known_mask, out / "panel_final.png")
-    log(f"done: {step} steps in {elapsed():.0f} s; checkpoint {path}, panels in {out}/")
-    return 0
+def speed_up(model: nn.Module, cfg: Config) -> nn.Module:
+    """The speed options that do not change the maths: memory format and compilation."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg.compile else model
 
 
-def quiet(fn, *args):
-    """fn(*args) with its printing swallowed (ranks other than 0 stay silent)."""
-    import io
-    from contextlib import redirect_stdout
+class TrainingRun:
+    """The bookkeeping of one training run, kept out of the loop in `train` (Part I).
 
-    with redirect_stdout(io.StringIO()):
-        return fn(*args)
-
-
-class stop_on_signals:
-    """Within `with stop_on_signals() as stop:`, Ctrl-C or SIGTERM appends its name to `stop` instead
-    of killing the process, so the training loop can finish its step and save a checkpoint."""
-
-    def __enter__(self):
-        self.stop: list[str] = []
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, lambda signum, _: self.stop.append(signal.Signals(signum).name))
-            except ValueError:  # not the main thread: leave the default handlers alone
-                pass
-        return self.stop
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-# -----------------------------------------------------------------------------------------------
-# DDIM inpainting with data consistency
-#
-# DDIM (eq. 12) walks a short, evenly spaced subsequence of levels T-1 = tau_1 > ... > tau_S = 0, then
-# to "-1", the clean image (alpha_bar = 1). Each step asks the network for (x0_hat, eps_hat) at the
-# current level and moves to the previous one (kernels.ddim_dc_step, see kernels.py for the equations);
-# eta = 0 makes the walk deterministic given the start noise.
-# Data consistency (RePaint sec. 4.1): after each step the known pixels are replaced by the
-# observation noised to the new level, sqrt(alpha_bar_prev) y + sqrt(1 - alpha_bar_prev) z, so hole and
-# context stay at the same noise level and the final image equals y on every known pixel.
-# Resampling (RePaint sec. 4.2): with --dc-repeats R, R - 1 times the step's result is sent back to
-# level t with the forward transition q(x_t | x_prev) = N(sqrt(alpha_bar_t / alpha_bar_prev) x_prev,
-# (1 - alpha_bar_t / alpha_bar_prev) I) and the step is taken again, letting the hole harmonise with
-# the pasted context.
-# -----------------------------------------------------------------------------------------------
-def noise_key(seed: int, digit: int, sample: int) -> int:
-    """The 64-bit key of one digit's sampling noise: a hash of (seed, digit index, sample index)."""
-    state = np.random.SeedSequence([seed, int(digit), int(sample)]).generate_state(2, np.uint32)
-    return int(state[0]) << 32 | int(state[1])
-
-
-class NoiseStream:
-    """Gaussian noise keyed by (seed, digit index, sample index): one CPU generator per image.
-
-    Each image draws from its own generator, so its noise does not depend on the batch size or on
-    which other digits share the batch; the draws are made on the CPU and moved to the device, so a
-    seed gives the same noise on every device. The sampler numbers its draws (see ddim_inpaint);
-    a generator makes them in that order, so the numbers must only increase.
+    `with TrainingRun(cfg) as run:` finds the device and the processes (DDP under torchrun), checks the
+    output folder can be written and locks it against a second run, and silences every process but
+    the first. `run.start(...)` seeds the batch and noise generators, resumes from <out-dir>/last.pt
+    with --resume, wraps the model for DDP and speed, starts the progress bar and catches Ctrl-C and
+    SIGTERM. Each step the loop asks `keep_going()`, reports `check_finite(loss)` and `step_done()`;
+    `finish()` writes the last checkpoint and panel and gives the exit code (130 when stopped).
     """
 
-    keys = None  # no keys for in-kernel draws: the fused step loads these tensors
+    def __init__(self, cfg: Config):
+        self.cfg, self.dist = cfg, Distributed.from_env()
+        self.device = self.dist.device if self.dist.world > 1 else pick_device(cfg.device)
+        self.out = writable_dir(cfg.out_dir, "--out-dir")
+        self.path = self.out / "last.pt"
+        self.log = print if self.dist.is_main else (lambda *a, **k: None)
 
-    def __init__(self, seed: int, keys, shape=(1, IMAGE_SIZE, IMAGE_SIZE), device="cpu"):
-        self.shape, self.device, self.last_draw = tuple(shape), device, -1
-        self.gens = [torch.Generator().manual_seed(noise_key(seed, digit, sample)) for digit, sample in keys]
+    def __enter__(self):
+        with ExitStack() as stack:
+            stack.callback(self.dist.close)
+            if self.dist.is_main:
+                stack.enter_context(OutDirLock(self.out, self.cfg.force))
+            else:  # only rank 0 speaks
+                stack.enter_context(redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            if self.cfg.batch_size % self.dist.world:
+                raise UserError(f"--batch-size {self.cfg.batch_size} does not split evenly over "
+                                f"{self.dist.world} processes", 2)
+            self.resources = stack.pop_all()
+        return self
 
-    def randn(self, draw: int) -> torch.Tensor:
-        assert draw > self.last_draw, "CPU generators draw in order: draw numbers must increase"
-        self.last_draw = draw
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+    def __exit__(self, *exc):
+        self.resources.close()
+
+    def start(self, model, ema, opt, data: Data, sched: Schedule, known_mask) -> nn.Module:
+        """Generators, resume, DDP and speed wrappers, progress bar and signal handlers; returns the net to call."""
+        from tqdm import tqdm
+
+        cfg, dist = self.cfg, self.dist
+        self.model, self.ema, self.opt = model, ema, opt
+        panel_digits = data.test[:10].to(self.device)
+        self.panel = lambda path: save_panel(ema or model, sched, cfg, panel_digits, known_mask, path)
+        self.batch_size = cfg.batch_size // dist.world
+        rank_seed = cfg.seed + 1000 * dist.rank  # each rank its own digits and noise
+        self.data_gen = torch.Generator().manual_seed(rank_seed)  # which digits go into each batch (CPU)
+        self.noise_gen = torch.Generator(self.device).manual_seed(rank_seed + 1)  # t, eps, self-cond coin
+        self.step, self.elapsed_before = 0, 0.0
+        if cfg.resume:
+            ckpt = load_checkpoint(self.path)
+            model.load_state_dict(ckpt["model"])
+            if ema is not None and ckpt["ema"] is not None:
+                ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            self.step, self.elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
+            if dist.world == 1:  # bit-exact continuation; ranks > 1 reseed from (seed, rank, step) instead
+                self.data_gen.set_state(ckpt["rng"]["data"])
+                self.noise_gen.set_state(ckpt["rng"]["noise"])
+            else:
+                self.data_gen.manual_seed(rank_seed + 7919 * self.step)
+                self.noise_gen.manual_seed(rank_seed + 7919 * self.step + 1)
+            self.log(f"resumed from {self.path} at step {self.step}")
+        self.start_step = self.saved_at = self.step
+        net = model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = speed_up(net, cfg)
+
+        self.budget_s, self.t0 = 60.0 * cfg.time_budget, time.time()
+        self.loss_ema, self.stop_votes = 0.0, 0
+        n_params = sum(p.numel() for p in model.parameters())
+        length = f"{cfg.time_budget:g} minutes" if self.budget_s else f"{cfg.steps} steps"
+        self.log(f"training {n_params / 1e6:.2f}M-parameter U-Net on {data.name} ({len(data.train)} digits), {length} "
+                 f"of {cfg.batch_size} images on {dist.world} x {self.device}, amp={cfg.amp}")
+        self.bar = tqdm(total=round(self.budget_s) if self.budget_s else cfg.steps,
+                        initial=round(self.elapsed_before) if self.budget_s else self.step,
+                        desc="train", unit="s" if self.budget_s else "step", dynamic_ncols=True,
+                        disable=not dist.is_main)
+        self.resources.callback(self.bar.close)
+        self.signals = stop_on_signals()
+        self.stop = self.signals.__enter__()
+        self.resources.push(self.signals)
+        return net
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t0
+
+    def progress(self) -> float:
+        """Fraction of the run done: of --steps, or of --time-budget when one is set."""
+        return min(1.0, self.elapsed() / self.budget_s) if self.budget_s else self.step / self.cfg.steps
+
+    def keep_going(self) -> bool:
+        """Every rank must agree to stop, at the same step: a signal on any rank, or the budget spent."""
+        stop_votes, time_up = self.dist.sum([float(bool(self.stop)),
+                                             float(self.budget_s > 0 and self.elapsed() >= self.budget_s)])
+        self.stop_votes = stop_votes
+        return not (stop_votes or time_up or (not self.budget_s and self.step >= self.cfg.steps))
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN or Inf loss (averaged over ranks): .item() syncs a GPU, but the weights stay good."""
+        self.loss_value = self.dist.sum([loss.item()])[0] / self.dist.world
+        if not math.isfinite(self.loss_value):
+            self.bar.close()
+            raise UserError(f"the loss became {self.loss_value} at step {self.step + 1}; {self.path} keeps the "
+                            "last good weights; lower --lr or raise --warmup and --resume")
+
+    def step_done(self) -> None:
+        """Count the step; log, draw a panel and write a checkpoint when their intervals come round."""
+        cfg = self.cfg
+        self.step += 1
+        self.bar.update(round(self.elapsed()) - self.bar.n if self.budget_s else 1)
+        self.loss_ema = 0.98 * self.loss_ema + 0.02 * self.loss_value
+        if self.step % 10 == 0:
+            debiased = self.loss_ema / (1 - 0.98 ** (self.step - self.start_step))  # the EMA started at zero
+            self.bar.set_postfix(step=self.step, loss=f"{debiased:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
+        if cfg.panel_every and self.step % cfg.panel_every == 0 and self.dist.is_main:
+            self.panel(self.out / f"panel_{self.step:06d}.png")
+        if self.step % cfg.ckpt_every == 0:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Write <out-dir>/last.pt atomically (rank 0), unless already written at this step."""
+        if self.saved_at == self.step and self.step > self.start_step:
+            return
+        self.saved_at = self.step
+        gap = self.dist.weight_gap(self.model)  # collective: every rank takes part
+        for name, m in (("model", self.model), ("EMA", self.ema)):
+            if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
+                raise UserError(f"the {name} weights are no longer finite at step {self.step}; {self.path} keeps "
+                                "the last good weights; lower --lr or raise --warmup and --resume")
+        if self.dist.is_main:
+            save_checkpoint(self.path, {
+                "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": self.step, "config": asdict(self.cfg),
+                "elapsed_s": self.elapsed(), "world_size": self.dist.world, "rank_weight_gap": gap,
+                "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "rng": {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state()},
+            })
+
+    def finish(self) -> int:
+        """The last checkpoint and panel; 0 when the run is complete, 130 when a signal stopped it."""
+        self.bar.close()
+        self.signals.__exit__(None, None, None)  # from here on Ctrl-C interrupts as usual
+        self.checkpoint()
+        if self.stop_votes:
+            self.log(f"stopped by {self.stop[0] if self.stop else 'a signal to another rank'} at step {self.step}: "
+                     f"checkpoint {self.path}; continue with --resume", file=sys.stderr)
+            return 130
+        if self.dist.is_main:
+            self.panel(self.out / "panel_final.png")
+        self.log(f"done: {self.step} steps in {self.elapsed():.0f} s; checkpoint {self.path}, panels in {self.out}/")
+        return 0
 
 
+# -----------------------------------------------------------------------------------------------
+# Pictures: training panels, samples, sweeps
+# -----------------------------------------------------------------------------------------------
+def show_masked(x0, known_mask):
+    """The observation as a person sees it: the hole drawn mid-grey."""
+    return torch.where(known_mask.cpu() > 0.5, x0.cpu(), torch.zeros_like(x0.cpu()))
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """Rows of (N, 1, H, W) images in [-1, 1] -> one PNG, upscaled 2x so the pixels are visible."""
+    from torchvision.utils import save_image
+
+    grid = torch.cat([to_unit(r.cpu().float()) for r in rows])
+    grid = F.interpolate(grid, scale_factor=2.0, mode="nearest")
+    save_image(grid, path, nrow=len(rows[0]), padding=2, pad_value=1.0)
+
+
+def save_panel(model, sched, cfg, x0, known_mask, path: Path) -> None:
+    """Ground truth / masked / reconstruction of fixed test digits with fixed noise (cfg.seed)."""
+    was_training = model.training
+    model.eval()
+    recon = inpaint_digits(model, sched, x0, list(range(len(x0))), known_mask, cfg, x0.device)
+    model.train(was_training)
+    save_grid([x0, show_masked(x0, known_mask), recon], path)
+
+
+# -----------------------------------------------------------------------------------------------
+# Fast sampling on a GPU: the same keyed noise drawn by Philox on the device, and CUDA graphs
+# -----------------------------------------------------------------------------------------------
 class PhiloxNoise:
     """The same keying, drawn on the device: draw d of a digit is Philox under its key (kernels.py).
 
@@ -987,87 +1184,10 @@ class PhiloxNoise:
         return kernels.keyed_randn(self.keys, draw, (len(self.keys), *self.shape))
 
 
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """`steps` integer levels, evenly spaced from T-1 down to 0 (both ends included)."""
-    return [int(t) for t in np.round(np.linspace(T - 1, 0, steps)).astype(np.int64)]
-
-
-@torch.no_grad()
-def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config, on_step=None):
-    """Fill the hole of y (B, 1, H, W) by DDIM with data consistency; returns x0 (B, 1, H, W) in [-1, 1].
-
-    `noise` is a NoiseStream or a PhiloxNoise. `on_step(t, x_t, x0_hat)`, if given, sees the state
-    after every step (for trajectory pictures).
-    """
-    B, device = y.shape[0], y.device
-    ab = sched.alpha_bar64
-    ts = ddim_timesteps(sched.T, cfg.ddim_steps)
-    known = known_mask > 0.5
-    R = cfg.dc_repeats
-    # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 3 (i R + r) + 0 (z), + 1 (the noise of
-    # the pasted y) and + 2 (RePaint's resampling). With PhiloxNoise on the Triton path the fused step
-    # draws z and the known-pixel noise itself, from the same numbers.
-    in_kernel = noise.keys is not None and kernels.uses_triton(y, cfg.backend)
-    want_x0 = model.self_cond or on_step is not None  # else nothing reads x0_hat: skip writing it
-
-    # x_T: noise in the hole, the observation noised to level T-1 on the known pixels.
-    a, s = math.sqrt(ab[ts[0]]), math.sqrt(1 - ab[ts[0]])
-    x = noise.randn(0)
-    x = torch.where(known, a * y + s * noise.randn(1), x)
-    x0_hat = torch.zeros_like(x) if model.self_cond else None
-
-    for i, t in enumerate(ts):
-        ab_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0  # alpha_bar at "-1" is 1: clean
-        c = kernels.ddim_step_coeffs(float(ab[t]), ab_prev, cfg.eta)
-        t_batch = torch.full((B,), t, device=device, dtype=torch.long)
-        for r in range(R):
-            draw = 2 + 3 * (i * R + r)
-            with autocast(cfg, device):
-                out = model(x, t_batch, known_mask, y, x0_hat).float()
-            if in_kernel:
-                x_prev, x0_hat = kernels.ddim_dc_step(x, out, y, known_mask, c, cfg.pred, backend=cfg.backend,
-                                                      keys=noise.keys, draw=draw, want_x0=want_x0)
-            else:
-                x_prev, x0_hat = kernels.ddim_dc_step(
-                    x, out, y, known_mask, c, cfg.pred,
-                    noise=noise.randn(draw) if c.sigma > 0 else None,
-                    known_noise=noise.randn(draw + 1) if c.sqrt_1m_ab_prev > 0 else None,
-                    backend=cfg.backend, want_x0=want_x0)
-            if r < R - 1:  # RePaint: back to level t, then step again
-                ratio = float(ab[t]) / ab_prev
-                x = math.sqrt(ratio) * x_prev + math.sqrt(1 - ratio) * noise.randn(draw + 2)
-        x = x_prev
-        if on_step is not None:
-            on_step(t, x, x0_hat)
-    return x
-
-
 def make_noise(cfg: Config, keys, shape, device: torch.device):
     """The sampling noise for digits `keys` ((digit, sample) pairs): Philox on the device or CPU generators."""
     philox = cfg.noise == "philox" or (cfg.noise == "auto" and device.type == "cuda" and kernels.HAVE_TRITON)
     return (PhiloxNoise if philox else NoiseStream)(cfg.seed, keys, shape, device)
-
-
-def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: int = 0, progress: str = ""):
-    """Inpaint the digits x0 (N, 1, H, W) in batches, with noise keyed by (seed, index, sample).
-
-    `progress`, if given, labels a progress bar (digits done, rate and ETA). On CUDA with Philox
-    noise, each batch replays a CUDA graph of the whole DDIM loop (see graphed_inpaint).
-    """
-    from tqdm import tqdm
-
-    parts = []
-    with tqdm(total=len(x0), desc=progress, unit="digit", disable=not progress, leave=False) as bar:
-        for lo in range(0, len(x0), cfg.batch_size):
-            batch = x0[lo:lo + cfg.batch_size].to(device)
-            keys = [(i, sample) for i in indices[lo:lo + cfg.batch_size]]
-            noise = make_noise(cfg, keys, batch.shape[1:], device)
-            if cfg.cuda_graph and device.type == "cuda" and isinstance(noise, PhiloxNoise):
-                parts.append(graphed_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
-            else:
-                parts.append(ddim_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
-            bar.update(len(batch))
-    return torch.cat(parts)
 
 
 class _Graph(NamedTuple):
@@ -1112,34 +1232,141 @@ def graphed_inpaint(model, sched: Schedule, y, known_mask, noise: PhiloxNoise, c
     return g.x0.clone()
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], the range the metrics and PNGs use."""
-    return ((x + 1) / 2).clamp(0, 1)
+# -----------------------------------------------------------------------------------------------
+# Your own digits and masks (--images, --mask)
+# -----------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MIN_IMAGE_SIDE = 8  # pixels: anything smaller cannot hold a recognisable digit (MNIST's are 28x28)
 
 
-def show_masked(x0, known_mask):
-    """The observation as a person sees it: the hole drawn mid-grey."""
-    return torch.where(known_mask.cpu() > 0.5, x0.cpu(), torch.zeros_like(x0.cpu()))
+def read_image_array(path: Path, what: str) -> np.ndarray:
+    """A 2-D (H, W) or 3-D (N, H, W) / 4-D (N, 1, H, W) array from a PNG/JPEG or .npy/.npz file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"))  # colour -> grayscale
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                if len(arrays.files) != 1:
+                    raise UserError(f"{what} {path} holds {len(arrays.files)} arrays ({', '.join(arrays.files)}); "
+                                    "save exactly one")
+                return arrays[arrays.files[0]]
+    except UserError:
+        raise
+    except Exception as e:  # PIL and numpy raise many kinds for a file that is not what its name says
+        raise UserError(f"{what} {path} is not a readable image or array ({type(e).__name__}: {e})") from e
+    raise UserError(f"{what} {path} is not a PNG/JPEG image or a .npy/.npz array")
 
 
-def save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """Rows of (N, 1, H, W) images in [-1, 1] -> one PNG, upscaled 2x so the pixels are visible."""
+def to_unit_float(a: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 0-255 or float 0-1 -> float32 tensor in [0, 1]."""
+    if a.dtype == np.uint8:
+        return torch.from_numpy(a.astype(np.float32) / 255.0)
+    if np.issubdtype(a.dtype, np.floating):
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise UserError(f"{what}: float values must lie in [0, 1], got [{a.min():.3g}, {a.max():.3g}]; "
+                            "scale them, or pass uint8 0-255")
+        return torch.from_numpy(a.astype(np.float32))
+    raise UserError(f"{what}: dtype {a.dtype} is not supported; use uint8 0-255 or float 0-1")
+
+
+def resize_to_model(x: torch.Tensor, what: str, mode: str = "bilinear") -> torch.Tensor:
+    """(N, 1, H, W) -> (N, 1, 32, 32), with a one-line notice when the size changes."""
+    if tuple(x.shape[-2:]) == (IMAGE_SIZE, IMAGE_SIZE):
+        return x
+    print(f"note: resizing {what} from {x.shape[-2]}x{x.shape[-1]} to {IMAGE_SIZE}x{IMAGE_SIZE}")
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode=mode, **kwargs)
+
+
+def check_image_side(shape: tuple, what: str) -> None:
+    """Refuse images too small to hold a digit, before they are upscaled into noise."""
+    if min(shape[-2:]) < MIN_IMAGE_SIDE:
+        raise UserError(f"{what} holds {shape[-2]}x{shape[-1]}-pixel images, too small for a digit (at least "
+                        f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; MNIST's are 28x28); a stack of images is (N, H, W) or "
+                        "(N, 1, H, W)")
+
+
+def load_images(path_text: str, invert: bool) -> tuple[torch.Tensor, list[str]]:
+    """Your own digits: (N, 1, 32, 32) in [-1, 1] and a name for each (file stem, or the array index).
+
+    MNIST polarity is assumed (white digit on black); --invert flips dark-on-light scans.
+    """
+    path = Path(path_text)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"--images folder {path} has no PNG/JPEG files")
+        arrays = [read_image_array(f, "--images file") for f in files]
+        for a, f in zip(arrays, files):
+            check_image_side(a.shape, f"--images file {f}")
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:  # resize each to 32x32 first so that they stack
+            arrays = [resize_to_model(to_unit_float(a, str(f))[None, None], f"{f.name}")[0, 0].numpy()
+                      for a, f in zip(arrays, files)]
+        x, names = to_unit_float(np.stack(arrays), "--images"), [f.stem for f in files]
+    elif path.is_file():
+        a = read_image_array(path, "--images")
+        if a.ndim == 4 and a.shape[1] == 1:
+            a = a[:, 0]
+        elif a.ndim == 2:  # one image
+            a = a[None]
+        if a.ndim != 3 or min(a.shape) == 0:
+            raise UserError(f"--images {path} has shape {a.shape}; expected (N, H, W) or (N, 1, H, W)")
+        check_image_side(a.shape, f"--images {path}")
+        x = to_unit_float(a, f"--images {path}")
+        names = [path.stem] if path.suffix.lower() in IMAGE_SUFFIXES else [f"{i:05d}" for i in range(len(x))]
+    else:
+        raise UserError(f"--images {path} does not exist; pass a folder of PNG/JPEG files or a .npy/.npz file")
+    x = resize_to_model(x[:, None], f"{len(x)} image(s)")
+    if invert:
+        x = 1 - x
+    return x.clamp(0, 1).mul(2).sub(1), names
+
+
+def load_mask(path_text: str) -> torch.Tensor:
+    """Known mask (1, 1, 32, 32) from a PNG or array: 1 (or 255) = known, 0 = hole."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"--mask {path} does not exist; pass a PNG or .npy/.npz file (1 or 255 = known)")
+    a = read_image_array(path, "--mask")
+    a = a.reshape(a.shape[-2:]) if a.ndim > 2 and math.prod(a.shape[:-2]) == 1 else a
+    if a.ndim != 2:
+        raise UserError(f"--mask {path} has shape {a.shape}; expected one (H, W) mask")
+    if not (a.dtype == bool or np.issubdtype(a.dtype, np.number)):
+        raise UserError(f"--mask {path}: dtype {a.dtype} is not a number type")
+    a = a.astype(np.float32)
+    a = a / 255.0 if a.max() > 1 else a  # 0/255 PNGs and 0/1 arrays alike
+    m = resize_to_model(torch.from_numpy(a)[None, None], "--mask", mode="nearest")
+    m = (m > 0.5).float()
+    if m.min() > 0:
+        raise UserError(f"--mask {path} has no hole pixels (0 = hole); nothing to inpaint")
+    return m
+
+
+def save_inpainted(images: torch.Tensor, names: list[str], source: str, out: Path) -> None:
+    """(N, 1, 32, 32) in [0, 1] -> one PNG per input image, or one .npy (N, 32, 32) for an array input."""
     from torchvision.utils import save_image
 
-    grid = torch.cat([to_unit(r.cpu().float()) for r in rows])
-    grid = F.interpolate(grid, scale_factor=2.0, mode="nearest")
-    save_image(grid, path, nrow=len(rows[0]), padding=2, pad_value=1.0)
+    if Path(source).suffix.lower() in (".npy", ".npz"):
+        np.save(out / "inpainted.npy", images[:, 0].numpy())
+        print(f"wrote {out / 'inpainted.npy'}: {len(images)} inpainted images, float32 in [0, 1]")
+        return
+    folder = out / "inpainted"
+    folder.mkdir(exist_ok=True)
+    for image, name in zip(images, names):
+        save_image(image, folder / f"{name}.png")
+    print(f"wrote {len(images)} inpainted images to {folder}/")
 
 
-def save_panel(model, sched, cfg, x0, known_mask, path: Path) -> None:
-    """Ground truth / masked / reconstruction of fixed test digits with fixed noise (cfg.seed)."""
-    was_training = model.training
-    model.eval()
-    recon = inpaint_digits(model, sched, x0, list(range(len(x0))), known_mask, cfg, x0.device)
-    model.train(was_training)
-    save_grid([x0, show_masked(x0, known_mask), recon], path)
-
-
+# -----------------------------------------------------------------------------------------------
+# sample and eval: a trained model from its checkpoint, the inputs, the results file
+# -----------------------------------------------------------------------------------------------
 class Loaded(NamedTuple):
     """What load_for_inference gives back."""
 
@@ -1195,107 +1422,6 @@ def inference_inputs(cfg: Config, data: Data, n: int):
     return data.test[:n], None, known_mask, f"{min(n, len(data.test))} {data.name} test digits, {region}"
 
 
-def sample(cfg: Config, explicit: set[str]) -> None:
-    cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
-    out = prepare_out_dir(cfg)
-    x0, names, known_mask, label = inference_inputs(cfg, load_data(cfg), n=10 if not cfg.images else 10**9)
-    known_mask = known_mask.to(device)
-    sched = Schedule(cfg.schedule, cfg.timesteps, device)
-    samples = [inpaint_digits(model, sched, x0, list(range(len(x0))), known_mask, cfg, device, sample=k,
-                              progress=f"sample {k + 1}/{cfg.num_samples}") for k in range(cfg.num_samples)]
-    save_grid([x0[:10], show_masked(x0[:10], known_mask), *[s[:10] for s in samples]], out / "samples.png")
-    print(f"wrote {out / 'samples.png'}: ground truth, masked, then {cfg.num_samples} samples per digit "
-          f"({label}; checkpoint step {step}, {cfg.ddim_steps} DDIM steps, eta {cfg.eta})")
-    if names is not None:  # your own digits: also every inpainted image, in the form they came in
-        save_inpainted(to_unit(samples[0]), names, cfg.images, out)
-
-
-def save_inpainted(images: torch.Tensor, names: list[str], source: str, out: Path) -> None:
-    """(N, 1, 32, 32) in [0, 1] -> one PNG per input image, or one .npy (N, 32, 32) for an array input."""
-    from torchvision.utils import save_image
-
-    if Path(source).suffix.lower() in (".npy", ".npz"):
-        np.save(out / "inpainted.npy", images[:, 0].numpy())
-        print(f"wrote {out / 'inpainted.npy'}: {len(images)} inpainted images, float32 in [0, 1]")
-        return
-    folder = out / "inpainted"
-    folder.mkdir(exist_ok=True)
-    for image, name in zip(images, names):
-        save_image(image, folder / f"{name}.png")
-    print(f"wrote {len(images)} inpainted images to {folder}/")
-
-
-# -----------------------------------------------------------------------------------------------
-# Evaluation
-#
-# Only the hole is scored: the known pixels are copied from y and would only flatter the numbers.
-# For each test digit, on [0, 1] images:
-#     PSNR = 10 log10(1 / MSE_hole),   L1 = mean |pred - target| over the hole,
-# then the mean over digits, with a 95% bootstrap interval of that mean. Beside the diffusion sample,
-# fills that need no network show what learning adds: zero (black) fill, the mean training image,
-# the nearest training digit on the known pixels (1-NN copy) and the mean of the 10 nearest (10-NN).
-# -----------------------------------------------------------------------------------------------
-def psnr_on_mask(pred, target, known_mask, backend: str = "auto") -> float:
-    """Mean over images of the per-image hole PSNR (dB) of [0, 1] images, data range 1.
-
-    Each image's PSNR is 10 log10(1 / MSE) with the MSE averaged over its hole pixels only
-    (known_mask == 0). Images without hole pixels are left out of the mean (NaN if none has a hole);
-    a perfect fill of any image makes the mean +inf.
-    """
-    per_image = kernels.masked_psnr(pred, target, known_mask, backend)
-    return per_image.nanmean().item()
-
-
-def l1_on_mask(pred, target, known_mask, backend: str = "auto") -> float:
-    """Mean over images of the per-image mean absolute error over hole pixels, for [0, 1] images.
-
-    Images without hole pixels are left out (NaN if none has a hole); a perfect fill gives 0.
-    """
-    per_image = kernels.masked_l1(pred, target, known_mask, backend)
-    return per_image.nanmean().item()
-
-
-def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
-    """(1-NN copy, k-NN mean) of the test digits, neighbours chosen by L2 distance on known pixels."""
-    m = known_mask.cpu().flatten()
-    train_known = train_x.flatten(1) * m
-    nn1, nnk = [], []
-    for lo in range(0, len(test_x), chunk):
-        q = test_x[lo:lo + chunk].flatten(1) * m
-        idx = torch.cdist(q, train_known).topk(k, largest=False).indices  # (n, k), nearest first
-        nn1.append(train_x[idx[:, 0]])
-        nnk.append(train_x[idx].mean(1))
-    return torch.cat(nn1), torch.cat(nnk)
-
-
-def baseline_fills(train_x, x0, known_mask) -> dict[str, tuple[torch.Tensor, float]]:
-    """The fills that need no learning, each as (digits with the known pixels kept, seconds taken)."""
-    t0 = time.time()
-    nn1, nn10 = knn_fills(train_x, x0, known_mask)
-    knn_secs = time.time() - t0
-    fills = {"zero (black) fill": (torch.full_like(x0, -1.0), 0.0),
-             "train-mean fill": (train_x.mean(0, keepdim=True).expand_as(x0), 0.0),
-             "1-NN copy": (nn1, knn_secs), "10-NN mean": (nn10, knn_secs)}
-    return {name: (torch.where(known_mask > 0.5, x0, fill), secs) for name, (fill, secs) in fills.items()}
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def score(pred, target, known_mask, backend, device=torch.device("cpu")) -> dict:
-    """Hole PSNR and L1 of [-1, 1] predictions, computed on `device`: means and 95% intervals."""
-    p, t, m = to_unit(pred).to(device), to_unit(target).to(device), known_mask.to(device)
-    psnr = kernels.masked_psnr(p, t, m, backend).double().cpu().numpy()
-    l1 = kernels.masked_l1(p, t, m, backend).double().cpu().numpy()
-    psnr = np.minimum(psnr, 100.0)  # a pixel-perfect fill (inf) counts as 100 dB so means stay finite
-    return {"psnr": float(psnr.mean()), "psnr_ci95": bootstrap_ci(psnr),
-            "l1": float(l1.mean()), "l1_ci95": bootstrap_ci(l1)}
-
-
 def versions() -> dict:
     import torchvision
 
@@ -1306,42 +1432,37 @@ def versions() -> dict:
     return v
 
 
+def sample(cfg: Config, explicit: set[str]) -> None:
+    out = writable_dir(cfg.out_dir, "--out-dir")
+    cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
+    x0, names, known_mask, label = inference_inputs(cfg, load_data(cfg), n=10 if not cfg.images else 10**9)
+    known_mask = known_mask.to(device)
+    sched = Schedule(cfg.schedule, cfg.timesteps, device)
+    samples = [inpaint_digits(model, sched, x0, list(range(len(x0))), known_mask, cfg, device, sample=k,
+                              progress=f"sample {k + 1}/{cfg.num_samples}") for k in range(cfg.num_samples)]
+    save_grid([x0[:10], show_masked(x0[:10], known_mask), *[s[:10] for s in samples]], out / "samples.png")
+    print(f"wrote {out / 'samples.png'}: ground truth, masked, then {cfg.num_samples} samples per digit "
+          f"({label}; checkpoint {path}, step {step}, {cfg.ddim_steps} DDIM steps, eta {cfg.eta})")
+    if names is not None:  # your own digits: also every inpainted image, in the form they came in
+        save_inpainted(to_unit(samples[0]), names, cfg.images, out)
+
+
 def evaluate(cfg: Config, explicit: set[str]) -> dict:
+    """The eval command: Part I's table on the test digits (or yours), printed and written as JSON."""
+    results_dir = writable_dir(cfg.results_dir, "--results-dir")  # before the work, not after it
     cfg, model, step, path, device, trained_with = load_for_inference(cfg, explicit)
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
-    n, indices = len(x0), list(range(len(x0)))
+    n, K, nfe = len(x0), cfg.num_samples, cfg.ddim_steps * cfg.dc_repeats
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
-
-    def timed(fn):
-        t0 = time.time()
-        return fn(), time.time() - t0
-
-    # The DDIM samples: sample 0 is "a single sample"; the mean of K approximates the posterior mean.
-    K, nfe = cfg.num_samples, cfg.ddim_steps * cfg.dc_repeats
-    samples, sample_secs = zip(*[timed(lambda k=k: inpaint_digits(
-        model, sched, x0, indices, known_mask.to(device), cfg, device, sample=k, progress=f"sample {k + 1}/{K}"))
-        for k in range(K)])
-    # One network call at t = T-1 (the hole is pure noise): x0_hat there estimates E[x0 | y] directly.
-    one_call_cfg = replace(cfg, ddim_steps=1, dc_repeats=1)
-    one_call, one_call_secs = timed(lambda: inpaint_digits(model, sched, x0, indices, known_mask.to(device),
-                                                           one_call_cfg, device))
-
-    methods = {  # name: (prediction, network evaluations per digit, seconds)
-        f"DDIM sample ({cfg.ddim_steps} steps)": (samples[0], nfe, sample_secs[0]),
-        f"mean of {K} DDIM samples": (torch.stack(samples).mean(0), K * nfe, sum(sample_secs)),
-        "one-call x0_hat (t = T-1)": (one_call, 1, one_call_secs),
-        **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(data.train, x0, known_mask).items()},
-    }
-    table = {name: {**score(pred, x0, known_mask, cfg.backend, device), "nfe": nfe_, "seconds": secs}
-             for name, (pred, nfe_, secs) in methods.items()}
+    table = eval_table(model, sched, cfg, x0, data.train, known_mask, device)
     print(f"\nhole-only metrics on {label} (checkpoint step {step}, seed {cfg.seed}, {device}; "
           "95% bootstrap intervals):")
     print(f"{'method':<28} {'PSNR dB':>8} {'(95% CI)':>14} {'L1':>7} {'(95% CI)':>14} {'NFE':>5} {'seconds':>8}")
     for name, r in table.items():
         print(f"{name:<28} {r['psnr']:8.2f} {r['psnr_ci95'][0]:6.2f}-{r['psnr_ci95'][1]:<7.2f} "
               f"{r['l1']:7.4f} {r['l1_ci95'][0]:.4f}-{r['l1_ci95'][1]:.4f} {r['nfe']:5d} {r['seconds']:8.1f}")
-    wall = sum(sample_secs)
+    wall = table[f"mean of {K} DDIM samples"]["seconds"]
 
     # Like against like: a sample against the 1-NN copy (each one plausible digit), the posterior-mean
     # estimate (the better of the K-mean and the one-call x0_hat) against the 10-NN mean.
@@ -1362,12 +1483,7 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
         "seed": cfg.seed, "device": str(device), "versions": versions(), "config": asdict(cfg),
         "trained_with": trained_with,
     }
-    results_dir = Path(cfg.results_dir)
-    try:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "inpaint_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write to --results-dir {results_dir} ({e.strerror}); choose a writable folder") from e
+    (results_dir / "inpaint_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {results_dir / 'inpaint_metrics.json'}")
     return result
 
@@ -1394,6 +1510,7 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    out = writable_dir(cfg.results_dir, "--results-dir")
     cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
@@ -1422,8 +1539,6 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device)
                    for name, (fill, _) in baseline_fills(data.train, x0, known_mask).items()}
 
-    out = Path(cfg.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, ylabel in ((axes[0], "psnr", "hole PSNR (dB), higher is better"),
                                (axes[1], "l1", "hole L1, lower is better")):
@@ -1487,6 +1602,7 @@ def collect_ablation(cfg: Config) -> dict:
     Each run is described by how the config stored in its checkpoint differs from today's defaults,
     so the table says exactly what was changed, read from the files themselves.
     """
+    out = writable_dir(cfg.results_dir, "--results-dir") / "ablation.json"
     defaults = asdict(Config())
     compared = [f.name for f in fields(Config) if f.metadata["group"] in ("diffusion", "model", "training")
                 and f.name not in ("steps", "time_budget", "channels_last", "compile", "batch_size")] + ["seed"]
@@ -1512,8 +1628,6 @@ def collect_ablation(cfg: Config) -> dict:
         changed = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["changed_from_defaults"].items()) or "-"
         print(f"{name:<16} {changed:<44} {r['steps']:5d} {r['single_psnr']:9.2f} {r['single_l1']:7.4f} "
               f"{r['one_call_psnr']:11.2f} {r['one_call_l1']:7.4f}")
-    out = Path(cfg.results_dir) / "ablation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": rows, "defaults": defaults, "versions": versions()}, indent=2) + "\n")
     print(f"wrote {out}")
     return rows
@@ -1637,6 +1751,7 @@ def profile_sampling(steps: dict, device: torch.device, calls: int = 3) -> str:
 
 
 def throughput_bench(cfg: Config) -> dict:
+    results = writable_dir(cfg.results_dir, "--results-dir")
     device = pick_device(cfg.device)
     default = (cfg.amp, cfg.channels_last, cfg.compile)
     configs = dict(THROUGHPUT_CONFIGS)
@@ -1674,8 +1789,6 @@ def throughput_bench(cfg: Config) -> dict:
     print(f"default = {default_name}: training {speedups['train_speedup']:.2f}x, sampling "
           f"{speedups['sample_speedup']:.2f}x eager fp32 (bf16/fp32 matmul peak: "
           f"{peak['matmul_bf16_gflops'] / peak['matmul_fp32_gflops']:.2f}x)")
-    results = Path(cfg.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
     if cfg.profile:
         report = profile_sampling({name: case["sample"][0] for name, case in cases.items()}, device)
         (results / "throughput_profile.txt").write_text(report + "\n")
@@ -1710,6 +1823,7 @@ SAMPLER_VARIANTS = {  # name: (backend, noise, cuda_graph)
 
 
 def sampler_bench(cfg: Config, rounds: int = 3) -> dict:
+    out = writable_dir(cfg.results_dir, "--results-dir")
     device = pick_device(cfg.device)
     gpu = device.type == "cuda" and kernels.HAVE_TRITON
     variants = {name: (backend, noise, graph) for name, (backend, noise, graph) in SAMPLER_VARIANTS.items()
@@ -1757,8 +1871,6 @@ def sampler_bench(cfg: Config, rounds: int = 3) -> dict:
               "rounds": rounds,
               "sampler": rows, "train_images_per_s": cfg.batch_size / train_s, "versions": versions(),
               "config": asdict(cfg)}
-    out = Path(cfg.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "sampler_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'sampler_bench.json'}")
     goals = gpu_goals(out)
@@ -1810,9 +1922,43 @@ def gpu_goals(results: Path) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------------------------
-# CLI
+# Config checks and the command line
 # -----------------------------------------------------------------------------------------------
+def check_config(cfg: Config) -> None:
+    """Reject values that cannot work, naming the flag and the allowed range."""
+    rules = [
+        (0 < cfg.hole < IMAGE_SIZE, f"--hole must be between 1 and {IMAGE_SIZE - 1}"),
+        (cfg.timesteps >= 2, "--timesteps must be at least 2"),
+        (cfg.base_ch >= 8 and cfg.base_ch % 8 == 0, "--base-ch must be a positive multiple of 8"),
+        (cfg.num_res_blocks >= 1, "--num-res-blocks must be at least 1"),
+        (cfg.steps >= 1, "--steps must be at least 1"),
+        (cfg.time_budget >= 0, "--time-budget must be 0 (off) or a number of minutes"),
+        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.warmup >= 0, "--warmup must be 0 or more"),
+        (0 <= cfg.min_lr_frac <= 1, "--min-lr-frac must be in [0, 1]"),
+        (cfg.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        (cfg.grad_clip >= 0, "--grad-clip must be 0 or more"),
+        (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+        (cfg.p2_gamma >= 0 and cfg.p2_k > 0, "--p2-gamma must be 0 or more and --p2-k positive"),
+        (cfg.hole_weight > 0, "--hole-weight must be positive"),
+        (1 <= cfg.ddim_steps <= cfg.timesteps, f"--ddim-steps must be between 1 and --timesteps ({cfg.timesteps})"),
+        (0 <= cfg.eta <= 1, "--eta must be between 0 (deterministic DDIM) and 1 (DDPM's variance)"),
+        (cfg.dc_repeats >= 1, "--dc-repeats must be at least 1"),
+        (cfg.num_samples >= 1, "--num-samples must be at least 1"),
+        (cfg.n_eval >= 1, "--n-eval must be at least 1"),
+        (0 <= cfg.seed < 2**32, "--seed must be between 0 and 2**32 - 1"),
+        (cfg.panel_every >= 0 and cfg.ckpt_every >= 1, "--panel-every must be 0 or more and --ckpt-every at least 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message, 2)
+    parse_ch_mult(cfg.ch_mult)
+
+
 COMMANDS = ("train", "sample", "eval", "sweep", "collect", "bench", "bench-sampler")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, instead of argparse's usage dump
         raise UserError(f"{message} (see --help)", 2)
@@ -1875,5 +2021,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "ipykernel" not in sys.modules:  # a script, not a notebook cell
     sys.exit(main())

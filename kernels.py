@@ -102,17 +102,26 @@ def ddim_step_coeffs(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> S
     )
 
 
-def split_prediction_ref(x_t, model_out, c: StepCoeffs, pred: str):
-    """(x0_hat, eps_hat) from the network output, in the dtype given (callers pass fp32)."""
+def predict_x0(x_t, model_out, sqrt_ab, sqrt_1m_ab, pred: str):
+    """x0_hat from the network output, clipped to [-1, 1]: the one place this formula lives.
+
+    sqrt_ab, sqrt_1m_ab: floats (one level, the sampler) or tensors shaped (B, 1, 1, 1) (a level per
+    image, training's self-conditioning). The fused kernel below computes the same in registers.
+    """
     if pred == "eps":
-        x0_hat = (x_t - c.sqrt_1m_ab * model_out) / c.sqrt_ab
+        x0_hat = (x_t - sqrt_1m_ab * model_out) / sqrt_ab
     elif pred == "v":
-        x0_hat = c.sqrt_ab * x_t - c.sqrt_1m_ab * model_out
+        x0_hat = sqrt_ab * x_t - sqrt_1m_ab * model_out
     elif pred == "x0":
         x0_hat = model_out
     else:
         raise ValueError(f"pred must be one of {PREDS}, got {pred!r}")
-    x0_hat = x0_hat.clamp(-1.0, 1.0)
+    return x0_hat.clamp(-1.0, 1.0)
+
+
+def split_prediction_ref(x_t, model_out, c: StepCoeffs, pred: str):
+    """(x0_hat, eps_hat) from the network output, in the dtype given (callers pass fp32)."""
+    x0_hat = predict_x0(x_t, model_out, c.sqrt_ab, c.sqrt_1m_ab, pred)
     eps_hat = (x_t - c.sqrt_ab * x0_hat) / c.sqrt_1m_ab
     return x0_hat, eps_hat
 

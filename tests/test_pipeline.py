@@ -1,6 +1,7 @@
 """The pipeline of ddim_inpaint.py: schedule, U-Net, sampler, metrics, and the CLI end to end."""
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -345,7 +346,8 @@ def test_bad_flag_value_gives_one_line_error_and_exit_code_2():
     assert proc.stderr.strip().count("\n") == 0 and "--hole" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_missing_checkpoint_is_a_clear_runtime_error(tmp_path, capsys):
+def test_missing_checkpoint_is_a_clear_runtime_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no outputs/inpaint/last.pt here for sample to fall back to
     run_cli("sample", "--data", "mnist5k", out_dir=tmp_path, expect=1)
     assert "no checkpoint" in capsys.readouterr().err
 
@@ -377,3 +379,42 @@ def test_throughput_measurement_reports_rates_and_flops():
     r = di.throughput_row(steps, seconds, 4)
     assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > r["train_images_per_s"]
     assert 0 < r["train_gflops"] and 0 < r["sample_gflops"]
+
+
+# --- the lesson as a notebook ----------------------------------------------------------------------
+def test_try_it_trains_inpaints_and_writes_the_panel(tmp_path):
+    # The "try it" cell's path, shrunk: a few steps of a small U-Net, then the ten-digit panel.
+    panel = di.try_it(steps=4, out_dir=str(tmp_path), base_ch=8, ch_mult="1,2", amp="off", ddim_steps=3)
+    assert panel == tmp_path / "panel_final.png"
+    from PIL import Image
+
+    with Image.open(panel) as im:  # 3 rows (truth, masked, filled) x 10 digits, each 64x64 plus padding
+        assert im.size == (10 * 66 + 2, 3 * 66 + 2)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"]["data"] == "mnist5k"
+
+
+def test_import_does_no_work_and_part_one_is_cells_in_reading_order(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import ddim_inpaint"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "" and list(tmp_path.iterdir()) == [], proc.stderr
+    text = (ROOT / "ddim_inpaint.py").read_text()
+    part1 = text[text.index("# # Part I"):text.index("# # Part II")]
+    titles = [line[len("# ## "):] for line in part1.splitlines() if line.startswith("# ## ")]
+    assert [t.split(" ")[1] if t[0].isdigit() else t for t in titles] == [
+        "Config", "Data", "Noise", "U-Net", "Training", "DDIM", "Evaluation", "Try it"], titles
+    assert part1.count("# %% [markdown]") == len(titles) and part1.count("# %%\n") == len(titles)
+    for tooling in ("OutDirLock", "signal.", "torch_dist", "Distributed"):
+        assert tooling not in part1, f"Part I (the lesson) mentions {tooling}"
+
+
+def test_readme_reading_guide_matches_the_file():
+    lines = (ROOT / "ddim_inpaint.py").read_text().splitlines()
+    rows = re.findall(r"^\| (\d+)–(\d+) \| (?:\d\. )?([^|]+?) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == 8, rows
+    for first, last, title in rows:
+        first, last = int(first), int(last)
+        heading = next(line for line in lines[first:first + 4] if line.startswith("# ## "))
+        assert lines[first - 1] == "# %% [markdown]", f"README row {title!r}: line {first} opens no cell"
+        assert title.split()[0] in heading, f"README row {title!r}: the cell at line {first} is {heading!r}"
+        assert lines[last - 1].strip() and not lines[last].strip(), f"{title!r} does not end at line {last}"

@@ -22,10 +22,10 @@ TINY = ["--data", "mnist5k", "--base-ch", "8", "--ch-mult", "1,2", "--batch-size
 FAST_SAMPLING = ["--data", "mnist5k", "--ddim-steps", "2", "--n-eval", "8", "--num-samples", "1"]
 
 
-def cli(*args, timeout=300, env=None):
+def cli(*args, timeout=300, env=None, cwd=ROOT):
     """Run `python ddim_inpaint.py ARGS` in a fresh process; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "ddim_inpaint.py"), *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "ddim_inpaint.py"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,6 +57,8 @@ def trained(tmp_path_factory):
     (["--ddim-steps", "0"], "--ddim-steps"),
     (["--ddim-steps", "1001"], "--ddim-steps"),
     (["--eta", "-0.5"], "--eta"),
+    (["--eta", "1.5"], "--eta"),  # DDIM's sigma is defined for 0 <= eta <= 1
+    (["--seed", "-1"], "--seed"),
     (["--dc-repeats", "0"], "--dc-repeats"),
     (["--num-samples", "0"], "--num-samples"),
     (["--batch-size", "0"], "--batch-size"),
@@ -77,7 +79,27 @@ def test_debug_shows_the_traceback():
 
 
 def test_missing_checkpoint(tmp_path):
-    assert_one_line_error(cli("sample", "--out-dir", tmp_path), 1, "no checkpoint", "make train")
+    # cwd: a folder without outputs/inpaint/last.pt, the default checkpoint sample falls back to
+    assert_one_line_error(cli("sample", "--out-dir", tmp_path, cwd=tmp_path), 1, "no checkpoint", "make train")
+
+
+def test_sample_writes_elsewhere_with_one_flag(tmp_path):
+    # `make train` writes outputs/inpaint/last.pt; `sample --out-dir pics` reads it and writes pictures to pics/.
+    assert cli("train", *TINY, cwd=tmp_path).returncode == 0
+    proc = cli("sample", "--out-dir", "pics", *FAST_SAMPLING, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pics" / "samples.png").is_file() and not (tmp_path / "pics" / "last.pt").exists()
+    assert "checkpoint outputs/inpaint/last.pt" in proc.stdout
+    help_text = " ".join(cli("--help").stdout.split())
+    assert "default: <out-dir>/last.pt, or outputs/inpaint/last.pt" in help_text, "--help must say where"
+
+
+def test_eval_checks_the_results_folder_before_the_work(trained, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = cli("eval", "--out-dir", trained, "--results-dir", blocker / "results", *FAST_SAMPLING)
+    assert_one_line_error(proc, 1, "--results-dir")
+    assert "hole-only metrics" not in proc.stdout, "the table was computed before the folder was checked"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes", "other format", "other version", "empty"])
@@ -112,7 +134,7 @@ def test_unwritable_output_folder(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty folder", "not an image", "wrong shape", "wrong dtype",
-                                  "float out of range"])
+                                  "float out of range", "too small", "too small in a folder"])
 def test_bad_images_input(case, trained, tmp_path):
     path = tmp_path / "in"
     if case == "empty folder":
@@ -129,8 +151,17 @@ def test_bad_images_input(case, trained, tmp_path):
     elif case == "float out of range":
         path = tmp_path / "x.npy"
         np.save(path, np.full((4, 28, 28), 255.0, np.float32))
+    elif case == "too small":  # (3, 5): one 3x5 image, not three digits; upscaled it would be noise
+        path = tmp_path / "x.npy"
+        np.save(path, np.zeros((3, 5), np.uint8))
+    elif case == "too small in a folder":
+        path.mkdir()
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(path / "a.png")
+        Image.fromarray(np.zeros((6, 28), np.uint8)).save(path / "b.png")
     proc = cli("sample", "--out-dir", trained, "--images", path, *FAST_SAMPLING)
     assert_one_line_error(proc, 1, str(path))
+    if case.startswith("too small"):
+        assert "too small for a digit" in proc.stderr and ("3x5" in proc.stderr or "6x28" in proc.stderr)
 
 
 # --- your own digits and masks ------------------------------------------------------------------
