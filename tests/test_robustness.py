@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,9 @@ def trained(tmp_path_factory):
     (["--eta", "-0.5"], "--eta"),
     (["--eta", "1.5"], "--eta"),  # DDIM's sigma is defined for 0 <= eta <= 1
     (["--seed", "-1"], "--seed"),
+    (["--train-mask", "round"], "--train-mask"),
+    (["--mask-set", "round"], "--mask-set"),
+    (["--mask", "examples/mask_offcentre.png", "--mask-set", "box"], "--mask-set"),
     (["--dc-repeats", "0"], "--dc-repeats"),
     (["--num-samples", "0"], "--num-samples"),
     (["--batch-size", "0"], "--batch-size"),
@@ -164,6 +168,44 @@ def test_bad_images_input(case, trained, tmp_path):
         assert "too small for a digit" in proc.stderr and ("3x5" in proc.stderr or "6x28" in proc.stderr)
 
 
+# --- full MNIST, the default when online: torchvision's own loader on a tiny copy in its layout -----
+def write_mnist_idx(root: Path, n_train: int = 48, n_test: int = 24) -> dict:
+    """A tiny MNIST in torchvision's on-disk layout (<root>/MNIST/raw/*-ubyte, the idx format), made from
+    the bundled digits, so that `--data mnist` runs the real loading code offline. Returns the labels."""
+    import struct
+
+    data = di.load_mnist5k()
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = {}
+    for prefix, x, y, n in (("train", data.train, data.train_labels, n_train), ("t10k", data.test, data.test_labels, n_test)):
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(n))[:n]
+        images = torch.nn.functional.interpolate((x[pick] + 1) / 2, size=(28, 28), mode="bilinear")
+        images = (images[:, 0] * 255).round().byte().numpy()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + y[pick].byte().numpy().tobytes())
+        labels[prefix] = y[pick]
+    return labels
+
+
+@pytest.mark.parametrize("data", ["mnist", "auto"])
+def test_full_mnist_through_torchvision_from_local_files(data, tmp_path):
+    labels = write_mnist_idx(tmp_path / "data")
+    proc = cli("train", *TINY, "--data", data, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "on mnist (48 digits)" in proc.stdout, proc.stdout
+    assert "unavailable" not in proc.stdout
+    loaded = di.load_full_mnist(str(tmp_path / "data"))  # the same files, in-process: images and labels as written
+    assert loaded.train.shape == (48, 1, 32, 32) and loaded.test.shape == (24, 1, 32, 32)
+    assert torch.equal(loaded.train_labels, labels["train"]) and torch.equal(loaded.test_labels, labels["t10k"])
+
+
+def test_data_mnist_without_the_files_is_a_clear_error(tmp_path):
+    proc = cli("train", *TINY, "--data", "mnist", "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out")
+    assert_one_line_error(proc, 1, "full MNIST is not in", "--data mnist5k")
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
 # --- your own digits and masks ------------------------------------------------------------------
 def test_own_digits_from_a_folder_with_inverted_scans(trained, tmp_path):
     digits = ((di.load_mnist5k().test[:3, 0] + 1) * 127.5).round().byte().numpy()  # (3, 32, 32) uint8
@@ -201,6 +243,37 @@ def test_own_digits_from_an_array_and_a_custom_mask(trained, tmp_path):
     assert out.shape == (4, 32, 32)
     np.testing.assert_allclose(out[:, :, :20], x[:, :, :20].numpy(), atol=1e-6, err_msg="known pixels changed")
     assert not np.allclose(out[:, :, 20:], x[:, :, 20:].numpy(), atol=1e-3)
+
+
+def test_own_digits_from_an_npz_archive(trained, tmp_path):
+    x = ((di.load_mnist5k().test[:3] + 1) * 127.5).round().byte().numpy()  # (3, 1, 32, 32) uint8
+    np.savez(tmp_path / "digits.npz", digits=x)
+    proc = cli("sample", "--ckpt", trained / "last.pt", "--out-dir", tmp_path, "--images", tmp_path / "digits.npz",
+               *FAST_SAMPLING)
+    assert proc.returncode == 0, proc.stderr
+    out = np.load(tmp_path / "inpainted.npy")
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+    known = di.centre_mask(16)[0, 0].numpy() > 0.5
+    np.testing.assert_allclose(out[:, known], x[:, 0][:, known] / 255.0, atol=1e-6, err_msg="known pixels changed")
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    proc = cli("sample", "--ckpt", trained / "last.pt", "--out-dir", tmp_path, "--images", tmp_path / "two.npz",
+               *FAST_SAMPLING)
+    assert_one_line_error(proc, 1, "holds 2 arrays", "save exactly one")
+
+
+def test_bf16_sampling_stays_close_to_fp32_sampling(trained):
+    # bf16 autocast rounds the U-Net's activations to 8 bits of mantissa. For this tiny model, through 10
+    # deterministic steps, that moved the fills by 3e-5 on average (max 1e-3) and the hole PSNR by 1e-4 dB
+    # here; the bounds leave 10x room for other CPUs' bf16 kernels. Broken casts would move them by 0.1+.
+    cfg, model, *_ = di.load_for_inference(di.Config(ckpt=str(trained / "last.pt"), ddim_steps=10), set())
+    x0, mask = di.load_mnist5k().test[:32], di.centre_mask(16)
+    sched = di.Schedule(cfg.schedule, cfg.timesteps, torch.device("cpu"))
+    fills = {amp: di.inpaint_digits(model, sched, x0, list(range(32)), mask, replace(cfg, amp=amp),
+                                    torch.device("cpu")) for amp in ("off", "bf16")}
+    diff = (fills["bf16"] - fills["off"]).abs()
+    psnr = {amp: di.score(f, x0, mask, "torch")["psnr"] for amp, f in fills.items()}
+    assert 0 < diff.mean() < 5e-4 and diff.max() < 1e-2, f"bf16 - fp32: mean {diff.mean():.2e}, max {diff.max():.2e}"
+    assert abs(psnr["bf16"] - psnr["off"]) < 0.01, psnr
 
 
 @pytest.mark.parametrize("flag", [["--backend", "triton"], ["--noise", "philox"]], ids=["backend", "noise"])
