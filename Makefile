@@ -64,31 +64,31 @@ ablation: $(ENV)
 	done
 	$(PYTHON) ddim_inpaint.py collect --results-dir $(ABLATION_RESULTS) --out-dir $(ABLATION_DIR)
 
-# Holes beyond the centre box: one model per --train-mask kind at the same wall-clock budget (the default
+# Holes beyond the centre box: one model per training-hole recipe at the same wall-clock budget (the default
 # run's 12.5 min on the 2-core CPU; keep the machine otherwise idle while they train), each scored on 500
-# test digits of every --mask-set and on examples/mask_offcentre.png, collected into results/masks/.
+# test digits of every --mask-set and on examples/mask_offcentre.png (results/masks/evals/), collected into
+# results/masks/ablation.json, with a samples picture per pair (results/masks/samples/). NAME:FLAGS as in ABLATIONS.
 MASK_STUDY_DIR = outputs/masks
 MASK_BUDGET = 12.5
-MASK_TRAINS = centre box free
+MASK_TRAINS = centre:--train-mask=centre box:--train-mask=box free:--train-mask=free \
+	box+centre:--train-mask=box,--train-mask-centre=0.5
 MASK_EVALS = centre box free offcentre
 
 mask-study: $(ENV)
-	for train in $(MASK_TRAINS); do \
-	  $(PYTHON) ddim_inpaint.py train --train-mask $$train --time-budget $(MASK_BUDGET) --panel-every 0 \
-	    --out-dir $(MASK_STUDY_DIR)/$$train $(ARGS) || exit 1; \
+	for run in $(MASK_TRAINS); do \
+	  name=$${run%%:*}; flags=$$(echo $${run#*:} | tr , ' '); \
+	  $(PYTHON) ddim_inpaint.py train $$flags --time-budget $(MASK_BUDGET) --panel-every 0 \
+	    --out-dir $(MASK_STUDY_DIR)/$$name $(ARGS) || exit 1; \
 	done
-	for train in $(MASK_TRAINS); do for set in $(MASK_EVALS); do \
-	  dir=$(MASK_STUDY_DIR)/evals/$$train-on-$$set; \
+	for run in $(MASK_TRAINS); do name=$${run%%:*}; for set in $(MASK_EVALS); do \
 	  holes=$$([ $$set = offcentre ] && echo --mask examples/mask_offcentre.png || echo --mask-set $$set); \
-	  $(PYTHON) ddim_inpaint.py eval --n-eval 500 $$holes --ckpt $(MASK_STUDY_DIR)/$$train/last.pt \
+	  dir=results/masks/evals/$$name-on-$$set; \
+	  $(PYTHON) ddim_inpaint.py eval --n-eval 500 $$holes --ckpt $(MASK_STUDY_DIR)/$$name/last.pt \
 	    --out-dir $$dir --results-dir $$dir $(ARGS) || exit 1; \
+	  $(PYTHON) ddim_inpaint.py sample $$holes --ckpt $(MASK_STUDY_DIR)/$$name/last.pt \
+	    --out-dir results/masks/samples/$$name-on-$$set $(ARGS) || exit 1; \
 	done; done
-	$(PYTHON) ddim_inpaint.py collect --out-dir $(MASK_STUDY_DIR)/evals --results-dir results/masks
-	for train in $(MASK_TRAINS); do for set in $(MASK_EVALS); do \
-	  holes=$$([ $$set = offcentre ] && echo --mask examples/mask_offcentre.png || echo --mask-set $$set); \
-	  $(PYTHON) ddim_inpaint.py sample $$holes --ckpt $(MASK_STUDY_DIR)/$$train/last.pt \
-	    --out-dir results/masks/samples/$$train-on-$$set $(ARGS) || exit 1; \
-	done; done
+	$(PYTHON) ddim_inpaint.py collect --out-dir results/masks/evals --results-dir results/masks
 
 # Kernel benchmark, then U-Net training/sampling throughput.
 bench: $(ENV)

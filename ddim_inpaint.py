@@ -118,6 +118,8 @@ class Config:
     train_mask: str = opt("centre", "training", "train: the holes to learn: centre (the --hole box), box (random "
                           "rectangles, 8-20 pixels a side) or free (random brush strokes), drawn per image",
                           MASK_KINDS)
+    train_mask_centre: float = opt(0.0, "training", "with --train-mask box or free: the fraction of images that "
+                                   "get the centre hole instead")
     amp: str = opt("bf16", "training", "autocast dtype for the U-Net (train, sample, eval)", ("bf16", "fp16", "off"))
     channels_last: bool = opt(False, "training", "channels-last memory format for the U-Net")
     compile: bool = opt(False, "training", "torch.compile the U-Net (a minute or two of compiling first)")
@@ -503,7 +505,8 @@ def train(cfg: Config) -> int:
             # Algorithm 1: x0 ~ q(x0) (line 2); t, eps and the loss inside diffusion_loss (lines 3-5).
             idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen).to(run.device)
             # --train-mask box or free: a random hole per image instead (random_masks, Part II)
-            mask = known_mask if cfg.train_mask == "centre" else random_masks(cfg.train_mask, run.data_gen, len(idx))
+            mask = known_mask if cfg.train_mask == "centre" else random_masks(
+                cfg.train_mask, run.data_gen, len(idx), known_mask, cfg.train_mask_centre)
             loss = diffusion_loss(net, sched, train_x[idx], mask.to(run.device), cfg, run.noise_gen)
             run.check_finite(loss)  # a NaN must be caught before it reaches the weights
             opt.zero_grad(set_to_none=True)
@@ -1317,9 +1320,14 @@ def masks_from_keys(kind: str, keys: list[int], size: int = IMAGE_SIZE) -> torch
     return torch.from_numpy((~hole).astype(np.float32))[:, None]
 
 
-def random_masks(kind: str, gen: torch.Generator, n: int) -> torch.Tensor:
-    """n training masks (n, 1, 32, 32) of kind box or free, one key per image drawn from `gen`."""
-    return masks_from_keys(kind, torch.randint(0, 2**62, (n,), generator=gen).tolist())
+def random_masks(kind: str, gen: torch.Generator, n: int, centre=None, centre_frac: float = 0.0) -> torch.Tensor:
+    """n training masks (n, 1, 32, 32) of kind box or free, one key per image drawn from `gen`; with
+    centre_frac > 0 that fraction of the images (chosen by their keys' top bits) get `centre` instead."""
+    keys = torch.randint(0, 2**62, (n,), generator=gen).tolist()
+    masks = masks_from_keys(kind, keys)
+    if centre_frac > 0:
+        masks[torch.tensor([(k >> 32) < centre_frac * 2**30 for k in keys])] = centre.cpu()
+    return masks
 
 
 def mask_set(kind: str, n: int) -> torch.Tensor:
@@ -2058,6 +2066,7 @@ def check_config(cfg: Config) -> None:
         (cfg.num_samples >= 1, "--num-samples must be at least 1"),
         (cfg.n_eval >= 1, "--n-eval must be at least 1"),
         (0 <= cfg.seed < 2**32, "--seed must be between 0 and 2**32 - 1"),
+        (0 <= cfg.train_mask_centre <= 1, "--train-mask-centre must be a fraction in [0, 1]"),
         (not (cfg.mask and cfg.mask_set != "centre"), "--mask and --mask-set name two different holes; pass one"),
         (cfg.panel_every >= 0 and cfg.ckpt_every >= 1, "--panel-every must be 0 or more and --ckpt-every at least 1"),
     ]

@@ -10,6 +10,8 @@ rounded once to the storage dtype: fp16 rounds to nearest, at most half an ulp, 
 fp32 -> bf16 casts where a GPU rounds to nearest. Both add the fp32 allowance (1e-5) for FMA.
 Shapes are tiny and odd on purpose: ragged last blocks, H*W not a multiple of anything.
 """
+import json
+
 import pytest
 import torch
 
@@ -389,3 +391,25 @@ def test_unknown_backend_raises():
         K.ddim_dc_step(*inputs[:4], c, "eps", *inputs[4:], backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         K.masked_error_sums(inputs[0], inputs[1], inputs[3], backend="numpy")
+
+
+# -----------------------------------------------------------------------------------------------
+# The benchmark's plumbing (the timings themselves are for `make bench`, not for tests)
+# -----------------------------------------------------------------------------------------------
+def test_kernel_bench_writes_every_row_at_a_tiny_size(tmp_path, monkeypatch):
+    tiny = [(2, 1, 9, 11)]
+    for name in ("GPU_STEP_SHAPES", "CPU_STEP_SHAPES", "GPU_LOOP_SHAPES", "CPU_LOOP_SHAPES"):
+        monkeypatch.setattr(K, name, tiny)
+    monkeypatch.setattr(K.torch, "compile", lambda fn: fn)  # the rows stay; compiling would take minutes
+    K.main(["bench", "--steps", "3", "--out", str(tmp_path / "bench.json")])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    providers = ["eager", "torch.compile"] + (["triton", "triton+rng"] if COMPILED else [])
+    assert [(r["dtype"], r["provider"]) for r in result["step"]] == [
+        (dtype, p) for dtype in ("float32", "bfloat16") for p in providers]
+    assert len(result["masked_error_sums"]) == 2 * (3 if COMPILED else 2) and result["copy_GBps"] > 0
+    eager = result["step"][0]
+    nbytes = 8 * 2 * 9 * 11 * 4  # x_t, model_out, y, noise, known_noise, the mask (fp32 here), x_prev, x0_hat
+    assert eager["size"] == "2x1x9x11" and eager["x_eager"] == 1.0
+    assert eager["GBps"] == pytest.approx(nbytes / eager["ms"] / 1e6), "GB/s must come from the logical bytes"
+    assert [r["provider"] for r in result["loop"]][:3] == ["stand-in only", "eager", "torch.compile"]
+    assert all(0 <= r["step_share"] <= 1 and r["ms_per_step"] == r["ms"] / 3 for r in result["loop"])

@@ -246,6 +246,17 @@ def test_training_masks_are_drawn_per_image_reproducibly_whatever_the_batch_size
     assert len({m.numpy().tobytes() for m in large}) == len(large), "every image its own hole"
 
 
+def test_train_mask_centre_gives_that_fraction_the_centre_hole_per_image():
+    centre = di.centre_mask(16)
+    masks = di.random_masks("box", torch.Generator().manual_seed(0), 4000, centre, 0.3)
+    is_centre = (masks == centre).all((1, 2, 3))
+    assert abs(is_centre.float().mean() - 0.3) < 0.03, is_centre.float().mean()  # 4000 draws: s.e. 0.007
+    few = di.random_masks("box", torch.Generator().manual_seed(0), 40, centre, 0.3)
+    assert torch.equal(few, masks[:40]), "which images get the centre hole must not depend on the batch"
+    plain = di.random_masks("box", torch.Generator().manual_seed(0), 4000)
+    assert torch.equal(masks[~is_centre], plain[~is_centre]), "the other images keep their own random box"
+
+
 def test_random_boxes_span_their_stated_ranges_which_include_the_centre_box():
     masks = di.random_masks("box", torch.Generator().manual_seed(0), 4000)[:, 0] < 0.5  # True in the hole
     rows, cols = masks.any(2), masks.any(1)  # (n, 32): which rows / columns the hole touches

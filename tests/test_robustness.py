@@ -62,6 +62,7 @@ def trained(tmp_path_factory):
     (["--seed", "-1"], "--seed"),
     (["--train-mask", "round"], "--train-mask"),
     (["--mask-set", "round"], "--mask-set"),
+    (["--train-mask-centre", "1.5"], "--train-mask-centre"),
     (["--mask", "examples/mask_offcentre.png", "--mask-set", "box"], "--mask-set"),
     (["--dc-repeats", "0"], "--dc-repeats"),
     (["--num-samples", "0"], "--num-samples"),
