@@ -1069,7 +1069,7 @@ class TrainingRun:
                 ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
             self.step, self.elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
-            by_rank = ckpt["rng"].get("by_rank", [ckpt["rng"]])  # every rank's generators (older files: rank 0's)
+            by_rank = ckpt["rng"].get("by_rank", [ckpt["rng"]])  # older files hold rank 0's alone
             if len(by_rank) == dist.world:  # bit-exact continuation: each rank takes up its own draws
                 self.data_gen.set_state(by_rank[dist.rank]["data"])
                 self.noise_gen.set_state(by_rank[dist.rank]["noise"])
@@ -1120,8 +1120,7 @@ class TrainingRun:
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN or Inf loss (averaged over ranks): .item() syncs a GPU, but the weights stay good."""
         self.loss_value = self.dist.sum([loss.item()])[0] / self.dist.world
-        if not math.isfinite(self.loss_value):
-            self.bar.close()
+        if not math.isfinite(self.loss_value):  # (leaving the `with` closes the progress bar first)
             raise UserError(f"the loss became {self.loss_value} at step {self.step + 1}; {self.path} keeps the "
                             "last good weights; lower --lr or raise --warmup and --resume")
 
@@ -1156,7 +1155,7 @@ class TrainingRun:
                 "elapsed_s": self.elapsed(), "world_size": self.dist.world, "rank_weight_gap": gap,
                 "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(),
-                "rng": {**by_rank[0], "by_rank": by_rank},
+                "rng": {"by_rank": by_rank},  # each rank's batch and noise generators
             })
 
     def finish(self) -> int:
@@ -1285,6 +1284,8 @@ MASK_SET_SEED = 14  # the eval mask sets' fixed seed
 def masks_from_keys(kind: str, keys: list[int], size: int = IMAGE_SIZE) -> torch.Tensor:
     """Known masks (n, 1, size, size), 1 = known, 0 = hole, of kind box or free: mask i is a pure
     function of keys[i], which seeds the uniform numbers that set its shape. Drawn for all at once."""
+    # Per key 64 uniforms: [0] the stroke count, [1:4] the box; then per stroke 20: start (2), width, segment
+    # count, a spare, SEGMENTS angles, SEGMENTS lengths, SEGMENTS spares (the layout the eval sets were drawn with).
     u = np.stack([np.random.default_rng(k).random(4 + STROKES * (5 + 3 * SEGMENTS), np.float32) for k in keys])
     rows = np.arange(size, dtype=np.float32)[:, None]  # (size, 1)
     cols = np.arange(size, dtype=np.float32)[None, :]  # (1, size)
