@@ -47,7 +47,7 @@ import time
 from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -101,6 +101,8 @@ class Config:
     num_res_blocks: int = opt(1, "model", "ResBlocks per level on the way down")
     self_cond: bool = opt(False, "model", "self-conditioning: also feed the previous estimate of x0")
     coord_conv: bool = opt(False, "model", "coord-conv: also feed the pixel coordinates")
+    uncond: bool = opt(False, "model", "RePaint's recipe: an unconditional network (input x_t only, no m or y), "
+                       "trained on whole digits; inpainting then rests on data consistency and --dc-repeats")
     # training
     steps: int = opt(2000, "training", "optimizer steps")
     time_budget: float = opt(0.0, "training", "train for this many minutes instead of --steps (0: off); the "
@@ -116,8 +118,10 @@ class Config:
     p2_k: float = opt(1.0, "training", "P2 weighting offset k")
     hole_weight: float = opt(4.0, "training", "loss weight of hole pixels relative to known pixels")
     train_mask: str = opt("centre", "training", "train: the holes to learn: centre (the --hole box), box (random "
-                          "rectangles, 8-20 pixels a side) or free (random brush strokes), drawn per image",
+                          "rectangles, --train-box-sides a side) or free (random brush strokes), drawn per image",
                           MASK_KINDS)
+    train_box_sides: str = opt("8-20", "training", "with --train-mask box: LO-HI, the range (inclusive) each side "
+                               "of a box is drawn from, in pixels")
     train_mask_centre: float = opt(0.0, "training", "with --train-mask box or free: the fraction of images that "
                                    "get the centre hole instead")
     amp: str = opt("bf16", "training", "autocast dtype for the U-Net (train, sample, eval)", ("bf16", "fp16", "off"))
@@ -133,6 +137,8 @@ class Config:
                      "device), auto (philox on CUDA, else cpu)", ("auto", "cpu", "philox"))
     # evaluation
     n_eval: int = opt(1000, "evaluation", "test digits scored by `eval`")
+    perception: bool = opt(True, "evaluation", "eval/sweep: also judge the fills with a digit classifier (trained "
+                           "once, a minute or less, cached in outputs/classifier/): accuracy and Frechet distance")
     mask_set: str = opt("centre", "evaluation", "sample/eval/sweep: the holes to fill, one per test digit, the same for "
                         "every model: centre (the --hole box), box or free (a fixed seeded set)", MASK_KINDS)
     images: str = opt("", "data", "sample/eval: your own digits instead of the test split: a folder of "
@@ -298,7 +304,9 @@ class Schedule:
 # an MLP, and is added inside every ResBlock (GroupNorm -> SiLU -> conv, twice). Each level halves the
 # resolution (32 -> 16 -> 8 with three levels); the way up concatenates the matching activations of
 # the way down (skip connections). The input stacks [x_t, m, y] (3 channels), plus the previous x0
-# estimate with self-conditioning (Chen et al. 2022) and two coordinate maps with coord-conv.
+# estimate with self-conditioning (Chen et al. 2022) and two coordinate maps with coord-conv. RePaint
+# (Lugmayr et al. 2022) instead trains an unconditional network on x_t alone (--uncond) and leaves the
+# observation to data consistency at sampling time (section 6).
 
 # %%
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -346,10 +354,10 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, base_ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 self_cond: bool, coord_conv: bool):
+                 self_cond: bool, coord_conv: bool, uncond: bool = False):
         super().__init__()
-        self.self_cond, self.coord_conv = self_cond, coord_conv
-        in_ch = 3 + int(self_cond) + 2 * int(coord_conv)
+        self.self_cond, self.coord_conv, self.uncond = self_cond, coord_conv, uncond
+        in_ch = (1 if uncond else 3) + int(self_cond) + 2 * int(coord_conv)
         t_dim = 4 * base_ch
         self.base_ch = base_ch
         self.t_mlp = nn.Sequential(nn.Linear(base_ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
@@ -380,7 +388,7 @@ class UNet(nn.Module):
     def forward(self, x_t, t, known_mask, y, x0_sc=None):
         """x_t, y, x0_sc: (B, 1, H, W); t: (B,) integer levels; known_mask: (B or 1, 1, H, W)."""
         B, _, H, W = x_t.shape
-        parts = [x_t, known_mask.expand(B, 1, H, W), y]
+        parts = [x_t] if self.uncond else [x_t, known_mask.expand(B, 1, H, W), y]  # uncond: blind to m and y
         if self.self_cond:
             parts.append(torch.zeros_like(x_t) if x0_sc is None else x0_sc)
         if self.coord_conv:
@@ -415,7 +423,8 @@ def parse_ch_mult(text: str) -> tuple[int, ...]:
 
 
 def build_model(cfg: Config) -> UNet:
-    return UNet(cfg.base_ch, parse_ch_mult(cfg.ch_mult), cfg.num_res_blocks, cfg.self_cond, cfg.coord_conv)
+    return UNet(cfg.base_ch, parse_ch_mult(cfg.ch_mult), cfg.num_res_blocks, cfg.self_cond, cfg.coord_conv,
+                cfg.uncond)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -444,6 +453,8 @@ def autocast(cfg: Config, device: torch.device):
 # %%
 def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     B, device = x0.shape[0], x0.device
+    if cfg.uncond:  # RePaint: learn whole digits, every pixel a hole (y = 0, one weight for all)
+        known_mask = torch.zeros_like(known_mask)
     t = torch.randint(0, sched.T, (B,), generator=gen, device=device)
     eps = torch.randn(x0.shape, generator=gen, device=device)
     sqrt_ab, sqrt_1m_ab, snr = sched.coeffs(t)
@@ -506,7 +517,7 @@ def train(cfg: Config) -> int:
             idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen).to(run.device)
             # --train-mask box or free: a random hole per image instead (random_masks, Part II)
             mask = known_mask if cfg.train_mask == "centre" else random_masks(
-                cfg.train_mask, run.data_gen, len(idx), known_mask, cfg.train_mask_centre)
+                cfg.train_mask, run.data_gen, len(idx), known_mask, cfg.train_mask_centre, box_sides(cfg))
             loss = diffusion_loss(net, sched, train_x[idx], mask.to(run.device), cfg, run.noise_gen)
             run.check_finite(loss)  # a NaN must be caught before it reaches the weights
             opt.zero_grad(set_to_none=True)
@@ -662,6 +673,17 @@ def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: i
 # posterior mean E[x0 | y] instead, which scores higher but looks blurred. Beside them, fills that need
 # no network show what learning adds: zero (black) fill, the mean training image, the nearest training
 # digit on the known pixels (1-NN copy) and the mean of the 10 nearest (10-NN).
+#
+# PSNR rewards blur, so it cannot say which fill looks like a digit. A small CNN digit classifier,
+# trained once on the training split, judges that (the perception axis, Blau & Michaeli 2018): the
+# digit accuracy of the filled digits against their true labels, and the Frechet distance between
+# its penultimate-layer features of the filled digits (mean mu_f, covariance S_f) and of the same
+# digits untouched (mu_r, S_r), the MNIST analogue of FID (Heusel et al. 2017):
+#
+#     FD = |mu_f - mu_r|^2 + Tr(S_f + S_r - 2 (S_f S_r)^(1/2)),
+#
+# 0 when the two feature clouds have the same mean and covariance. The untouched digits' own accuracy
+# is the ceiling. FD estimates shrink as N grows, so compare them only at the same digits.
 
 # %%
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -729,17 +751,43 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def score(pred, target, known_mask, backend, device=torch.device("cpu")) -> dict:
-    """Hole PSNR and L1 of [-1, 1] predictions, computed on `device`: means over the digits and 95% intervals."""
+def frechet_distance(f: torch.Tensor, r: torch.Tensor) -> float:
+    """FD between the Gaussians fitted to the feature rows of f (N, D) and r (M, D), in float64.
+
+    Tr (S_f S_r)^(1/2) is computed as the sum of the square roots of the eigenvalues of the symmetric
+    S_f^(1/2) S_r S_f^(1/2), which has the same eigenvalues and no complex round-off.
+    """
+    f, r = f.double(), r.double()
+    cov_f, cov_r = torch.cov(f.T).reshape(f.shape[1], -1), torch.cov(r.T).reshape(r.shape[1], -1)
+    lam, vec = torch.linalg.eigh(cov_f)
+    root_f = vec @ torch.diag(lam.clamp(min=0).sqrt()) @ vec.T  # S_f^(1/2)
+    cross = torch.linalg.eigvalsh(root_f @ cov_r @ root_f).clamp(min=0).sqrt().sum()
+    fd = (f.mean(0) - r.mean(0)).square().sum() + cov_f.trace() + cov_r.trace() - 2 * cross
+    return max(float(fd), 0.0)  # >= 0 in exact arithmetic; equal clouds can round to -1e-13
+
+
+def score(pred, target, known_mask, backend, device=torch.device("cpu"), judge=None, labels=None) -> dict:
+    """Hole PSNR and L1 of [-1, 1] predictions, computed on `device`: means over the digits and 95% intervals.
+    With a digit classifier `judge` also the perception axis: the filled digits' accuracy against
+    `labels` (when known, in %) and their Frechet distance to the untouched `target` digits."""
     p, t, m = to_unit(pred).to(device), to_unit(target).to(device), known_mask.to(device)
     psnr = psnr_on_mask(p, t, m, backend, per_image=True, perfect_db=PERFECT_FILL_DB).double().cpu().numpy()
     l1 = l1_on_mask(p, t, m, backend, per_image=True).double().cpu().numpy()
-    return {"psnr": float(psnr.mean()), "psnr_ci95": bootstrap_ci(psnr),
-            "l1": float(l1.mean()), "l1_ci95": bootstrap_ci(l1)}
+    result = {"psnr": float(psnr.mean()), "psnr_ci95": bootstrap_ci(psnr),
+              "l1": float(l1.mean()), "l1_ci95": bootstrap_ci(l1)}
+    if judge is not None:
+        logits, features = judge(pred.clamp(-1, 1))
+        if labels is not None:
+            result["accuracy"] = 100 * (logits.argmax(1) == labels.to(logits.device)).double().mean().item()
+        if len(pred) >= 2:  # a covariance needs two digits
+            result["frechet"] = frechet_distance(features, judge(target)[1])
+    return result
 
 
-def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device) -> dict[str, dict]:
-    """Score every method on the digits x0 (N, 1, H, W): {method: PSNR and L1 with intervals, NFE, seconds}."""
+def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device, judge=None, labels=None
+               ) -> dict[str, dict]:
+    """Score every method on the digits x0 (N, 1, H, W): {method: PSNR and L1 with intervals, NFE, seconds,
+    and with a classifier `judge` the accuracy and Frechet distance, the untouched digits as the ceiling}."""
     indices, mask = list(range(len(x0))), known_mask.to(device)
 
     def timed(fn):
@@ -758,9 +806,15 @@ def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device) -> di
         f"mean of {K} DDIM samples": (torch.stack(samples).mean(0), K * nfe, sum(sample_secs)),
         "one-call x0_hat (t = T-1)": (one_call, 1, one_call_secs),
         **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(train_x, x0, known_mask).items()},
+        **({"ground truth (ceiling)": (x0, 0, 0.0)} if judge is not None else {}),
     }
-    return {name: {**score(pred, x0, known_mask, cfg.backend, device), "nfe": nfe_, "seconds": secs}
-            for name, (pred, nfe_, secs) in methods.items()}
+    table = {name: {**score(pred, x0, known_mask, cfg.backend, device, judge, labels), "nfe": nfe_, "seconds": secs}
+             for name, (pred, nfe_, secs) in methods.items()}
+    if judge is not None and len(x0) >= 2:  # how far the distance moves between independent draws of one sampler
+        real = judge(x0)[1]
+        table[f"DDIM sample ({cfg.ddim_steps} steps)"]["frechet_each_sample"] = [
+            frechet_distance(judge(s.clamp(-1, 1))[1], real) for s in samples]
+    return table
 
 
 # %% [markdown]
@@ -809,7 +863,8 @@ CKPT_FORMAT = "ddim-inpaint"  # written into every checkpoint, checked on load
 CKPT_VERSION = 1
 # The fields that define the network and its training target: sample and eval take these from the
 # checkpoint, whatever the command line says.
-MODEL_FIELDS = ("timesteps", "schedule", "pred", "base_ch", "ch_mult", "num_res_blocks", "self_cond", "coord_conv")
+MODEL_FIELDS = ("timesteps", "schedule", "pred", "base_ch", "ch_mult", "num_res_blocks", "self_cond", "coord_conv",
+                "uncond")  # a checkpoint older than a field was trained with the field's default
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1273,7 +1328,8 @@ def graphed_inpaint(model, sched: Schedule, y, known_mask, noise: PhiloxNoise, c
 # in. Training draws a key per image from its batch generator (resumed bit for bit like the rest);
 # the eval sets key mask i on (MASK_SET_SEED, i, kind), the same test masks for every model and run.
 # -----------------------------------------------------------------------------------------------
-BOX_SIDES = (8, 20)  # a random box's height and width, in pixels, each drawn from this range (inclusive)
+BOX_SIDES = (8, 20)  # a random box's height and width, in pixels, each drawn from this range (inclusive):
+# the eval set's range and --train-box-sides' default
 BOX_MARGIN = 2  # boxes keep this many pixels from the image's edge, where MNIST has no ink
 STROKES, SEGMENTS = 3, 5  # free-form: up to 3 brush strokes of up to 5 straight segments (at least 1 and 2)
 SEGMENT_LENGTH = (4.0, 10.0)  # pixels, each segment at a random angle
@@ -1281,17 +1337,17 @@ BRUSH_WIDTH = (3.0, 6.0)  # pixels, one width per stroke
 MASK_SET_SEED = 14  # the eval mask sets' fixed seed
 
 
-def masks_from_keys(kind: str, keys: list[int], size: int = IMAGE_SIZE) -> torch.Tensor:
+def masks_from_keys(kind: str, keys: list[int], size: int = IMAGE_SIZE, sides=BOX_SIDES) -> torch.Tensor:
     """Known masks (n, 1, size, size), 1 = known, 0 = hole, of kind box or free: mask i is a pure
-    function of keys[i], which seeds the uniform numbers that set its shape. Drawn for all at once."""
+    function of keys[i] (and, for boxes, the sides' range), which seeds the uniform numbers that set
+    its shape. Drawn for all at once."""
     # Per key 64 uniforms: [0] the stroke count, [1:4] the box; then per stroke 20: start (2), width, segment
     # count, a spare, SEGMENTS angles, SEGMENTS lengths, SEGMENTS spares (the layout the eval sets were drawn with).
     u = np.stack([np.random.default_rng(k).random(4 + STROKES * (5 + 3 * SEGMENTS), np.float32) for k in keys])
     rows = np.arange(size, dtype=np.float32)[:, None]  # (size, 1)
     cols = np.arange(size, dtype=np.float32)[None, :]  # (1, size)
     if kind == "box":
-        span = BOX_SIDES[1] - BOX_SIDES[0] + 1
-        h, w = (BOX_SIDES[0] + np.floor(u[:, :2] * span)).T  # (n,) each
+        h, w = (sides[0] + np.floor(u[:, :2] * (sides[1] - sides[0] + 1))).T  # (n,) each
         top = BOX_MARGIN + np.floor(u[:, 2] * (size - 2 * BOX_MARGIN - h + 1))
         left = BOX_MARGIN + np.floor(u[:, 3] * (size - 2 * BOX_MARGIN - w + 1))
         hole = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
@@ -1321,14 +1377,29 @@ def masks_from_keys(kind: str, keys: list[int], size: int = IMAGE_SIZE) -> torch
     return torch.from_numpy((~hole).astype(np.float32))[:, None]
 
 
-def random_masks(kind: str, gen: torch.Generator, n: int, centre=None, centre_frac: float = 0.0) -> torch.Tensor:
-    """n training masks (n, 1, 32, 32) of kind box or free, one key per image drawn from `gen`; with
-    centre_frac > 0 that fraction of the images (chosen by their keys' top bits) get `centre` instead."""
+def random_masks(kind: str, gen: torch.Generator, n: int, centre=None, centre_frac: float = 0.0,
+                 sides=BOX_SIDES) -> torch.Tensor:
+    """n training masks (n, 1, 32, 32) of kind box (each side in the range `sides`) or free, one key per
+    image drawn from `gen`; with centre_frac > 0 that fraction of the images (chosen by their keys' top
+    bits) get `centre` instead."""
     keys = torch.randint(0, 2**62, (n,), generator=gen).tolist()
-    masks = masks_from_keys(kind, keys)
+    masks = masks_from_keys(kind, keys, sides=sides)
     if centre_frac > 0:
         masks[torch.tensor([(k >> 32) < centre_frac * 2**30 for k in keys])] = centre.cpu()
     return masks
+
+
+def box_sides(cfg: Config) -> tuple[int, int]:
+    """--train-box-sides LO-HI as two ints, checked: every box must fit inside the margins."""
+    try:
+        lo, hi = (int(v) for v in cfg.train_box_sides.split("-"))
+    except ValueError:
+        lo = hi = 0
+    most = IMAGE_SIZE - 2 * BOX_MARGIN
+    if not 1 <= lo <= hi <= most:
+        raise UserError(f"--train-box-sides must be LO-HI with 1 <= LO <= HI <= {most} (pixels), like 12-20; "
+                        f"got {cfg.train_box_sides!r}", 2)
+    return lo, hi
 
 
 def mask_set(kind: str, n: int) -> torch.Tensor:
@@ -1469,6 +1540,99 @@ def save_inpainted(images: torch.Tensor, names: list[str], source: str, out: Pat
 
 
 # -----------------------------------------------------------------------------------------------
+# The perception judge: a digit classifier for eval's accuracy and Frechet distance (Part I, section 7)
+#
+# Trained once per dataset on the training split only, with a fixed seed of its own (every model is
+# judged by the same classifier), and cached under outputs/classifier/ with what it was trained on
+# and its test accuracy. A cached file that does not match the data, or cannot be read, is retrained.
+# -----------------------------------------------------------------------------------------------
+CLASSIFIER_DIR = Path("outputs/classifier")
+CLASSIFIER_FORMAT, CLASSIFIER_VERSION = "ddim-inpaint-classifier", 1
+CLASSIFIER_SEED, CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 0, 600, 128, 2e-3
+CLASSIFIER_SHIFT = 2.0  # pixels: random translations of the training digits, the classic MNIST augmentation
+FEATURES = 64  # width of the penultimate layer, whose activations the Frechet distance compares
+FEATURE_LAYER = f"the {FEATURES} ReLU features before the classifier's last linear layer"
+
+
+class DigitClassifier(nn.Module):
+    """Three 3x3 conv blocks (32 -> 16 -> 8 -> 4 pixels), FEATURES penultimate features, 10 logits."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # noqa: E731
+        self.features = nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), nn.Flatten(),
+                                      nn.Linear(64 * 4 * 4, FEATURES), nn.ReLU())
+        self.logits = nn.Linear(FEATURES, 10)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.logits(f), f
+
+
+def shifted(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each digit moved by its own random (dx, dy) of at most CLASSIFIER_SHIFT pixels (background fills in)."""
+    shift = (torch.rand(len(x), 2, generator=gen) * 2 - 1) * CLASSIFIER_SHIFT * 2 / x.shape[-1]
+    theta = torch.cat([torch.eye(2).expand(len(x), 2, 2), shift[:, :, None]], 2).to(x.device)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)  # the border is background
+
+
+def classify(net: DigitClassifier, x: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, 10), features (N, FEATURES)) on the CPU for [-1, 1] digits, in chunks, without gradients."""
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        out = [net(x[i:i + chunk].to(device)) for i in range(0, len(x), chunk)]
+    return torch.cat([o[0] for o in out]).float().cpu(), torch.cat([o[1] for o in out]).float().cpu()
+
+
+def train_classifier(data: Data, device: torch.device) -> tuple[DigitClassifier, dict]:
+    """The judge, trained on data.train (AdamW, cosine decay, shifted digits); (net, what it was trained with)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(CLASSIFIER_SEED)
+    net, gen = DigitClassifier().to(device), torch.Generator().manual_seed(CLASSIFIER_SEED)
+    opt = torch.optim.AdamW(net.parameters(), lr=CLASSIFIER_LR)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, CLASSIFIER_STEPS)
+    t0 = time.time()
+    for _ in tqdm(range(CLASSIFIER_STEPS), desc="digit classifier", unit="step", leave=False):
+        idx = torch.randint(0, len(data.train), (CLASSIFIER_BATCH,), generator=gen)
+        logits, _ = net(shifted(data.train[idx], gen).to(device))
+        loss = F.cross_entropy(logits, data.train_labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    accuracy = 100 * (classify(net, data.test)[0].argmax(1) == data.test_labels).double().mean().item()
+    return net, {"data": data.name, "n_train": len(data.train), "seed": CLASSIFIER_SEED, "steps": CLASSIFIER_STEPS,
+                 "test_accuracy": accuracy, "seconds": time.time() - t0, "feature_layer": FEATURE_LAYER}
+
+
+def load_judge(data: Data, device: torch.device) -> tuple[Callable, dict]:
+    """(judge, its record): judge(x) gives classify()'s (logits, features); cached in CLASSIFIER_DIR."""
+    path = CLASSIFIER_DIR / f"{data.name}-{len(data.train)}.pt"
+    want = {"data": data.name, "n_train": len(data.train), "seed": CLASSIFIER_SEED, "steps": CLASSIFIER_STEPS}
+    net, record = DigitClassifier().to(device), None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+        if saved.get("format") == CLASSIFIER_FORMAT and saved.get("version") == CLASSIFIER_VERSION \
+                and all(saved["record"].get(k) == v for k, v in want.items()):
+            net.load_state_dict(saved["weights"])
+            record = saved["record"]
+    except Exception as e:  # a cache: anything unreadable is retrained, never trusted
+        print(f"note: {path} is unreadable ({type(e).__name__}); retraining the digit classifier")
+    if record is None:
+        net, record = train_classifier(data, device)
+        CLASSIFIER_DIR.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION,
+                               "weights": net.state_dict(), "record": record})
+        print(f"trained the digit classifier in {record['seconds']:.0f} s: {record['test_accuracy']:.1f}% on the "
+              f"{len(data.test)} test digits; cached in {path}")
+    net.eval()
+    return (lambda x: classify(net, x)), {**record, "path": str(path)}
+
+
+# -----------------------------------------------------------------------------------------------
 # sample and eval: a trained model from its checkpoint, the inputs, the results file
 # -----------------------------------------------------------------------------------------------
 class Loaded(NamedTuple):
@@ -1494,7 +1658,7 @@ def load_for_inference(cfg: Config, explicit: set[str]) -> Loaded:
     if ignored:
         print(f"note: the checkpoint defines the model; ignoring {', '.join(ignored)}")
     try:
-        cfg = Config(**{**asdict(cfg), **{k: stored[k] for k in MODEL_FIELDS}})
+        cfg = Config(**{**asdict(cfg), **{k: stored.get(k, getattr(Config(), k)) for k in MODEL_FIELDS}})
         model = build_model(cfg)
         model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
@@ -1532,6 +1696,17 @@ def inference_inputs(cfg: Config, data: Data, n: int):
     return x0, names, mask_set(cfg.mask_set, len(x0)), f"{source}, mask set {cfg.mask_set} (seeded, one per digit)"
 
 
+def perception_judge(cfg: Config, data: Data, n: int, device: torch.device):
+    """(judge or None, its record or None, the labels of the first n digits or None) for eval and sweep."""
+    if not cfg.perception:
+        return None, None, None
+    judge, record = load_judge(data, device)
+    if cfg.images:
+        print(f"note: {cfg.images} has no digit labels: accuracy is skipped, the Frechet distance is still measured")
+        return judge, record, None
+    return judge, record, data.test_labels[:n]
+
+
 def versions() -> dict:
     import torchvision
 
@@ -1566,14 +1741,23 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
     n, K, nfe = len(x0), cfg.num_samples, cfg.ddim_steps * cfg.dc_repeats
     sched = Schedule(cfg.schedule, cfg.timesteps, device)
     t0 = time.time()
-    table = eval_table(model, sched, cfg, x0, data.train, known_mask, device)
+    judge, judge_record, labels = perception_judge(cfg, data, n, device)
+    table = eval_table(model, sched, cfg, x0, data.train, known_mask, device, judge, labels)
     eval_seconds = time.time() - t0
     print(f"\nhole-only metrics on {label} (checkpoint step {step}, seed {cfg.seed}, {device}; "
           "95% bootstrap intervals):")
-    print(f"{'method':<28} {'PSNR dB':>8} {'(95% CI)':>14} {'L1':>7} {'(95% CI)':>14} {'NFE':>5} {'seconds':>8}")
+    print(f"{'method':<28} {'PSNR dB':>8} {'(95% CI)':>14} {'L1':>7} {'(95% CI)':>14} {'NFE':>5} {'seconds':>8}"
+          + (f" {'acc %':>6} {'FD':>7}" if judge is not None else ""))
     for name, r in table.items():
         print(f"{name:<28} {r['psnr']:8.2f} {r['psnr_ci95'][0]:6.2f}-{r['psnr_ci95'][1]:<7.2f} "
-              f"{r['l1']:7.4f} {r['l1_ci95'][0]:.4f}-{r['l1_ci95'][1]:.4f} {r['nfe']:5d} {r['seconds']:8.1f}")
+              f"{r['l1']:7.4f} {r['l1_ci95'][0]:.4f}-{r['l1_ci95'][1]:.4f} {r['nfe']:5d} {r['seconds']:8.1f}"
+              + (f" {r.get('accuracy', math.nan):6.1f} {r.get('frechet', math.nan):7.2f}" if judge is not None else ""))
+    if judge is not None:
+        print(f"acc %: digit accuracy of the filled digits by the classifier ({judge_record['test_accuracy']:.1f}% on "
+              f"the test split); FD: Frechet distance of its features to the {n} untouched digits' (lower is better)")
+        each = table[f"DDIM sample ({cfg.ddim_steps} steps)"].get("frechet_each_sample")
+        if each:
+            print(f"FD of each of the {K} samples alone: {min(each):.2f} to {max(each):.2f} (how much one draw moves it)")
     wall = table[f"mean of {K} DDIM samples"]["seconds"]
 
     # Like against like: a sample against the 1-NN copy (each one plausible digit), the posterior-mean
@@ -1591,7 +1775,7 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
     result = {
         "metrics": table, "comparison": comparison, "n_eval": n, "inputs": label, "hole": cfg.hole, "num_samples": K,
         "nfe_per_sample": nfe, "wall_time_s": wall, "images_per_s": K * n / wall,
-        "eval_seconds": eval_seconds, "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds, "train_seconds": train_seconds, "perception_judge": judge_record,
         "checkpoint": str(path), "checkpoint_step": step,
         "seed": cfg.seed, "device": str(device), "versions": versions(), "config": asdict(cfg),
         "trained_with": trained_with,
@@ -1614,7 +1798,8 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
 # the model is unsure, and it should track where its error is large.
 # -----------------------------------------------------------------------------------------------
 SWEEP_STEPS = (5, 10, 20, 50, 100)  # single samples at these DDIM step counts
-SWEEP_K, SWEEP_K_STEPS = (2, 4, 8), 20  # means of K samples, each of SWEEP_K_STEPS steps
+SWEEP_ETAS = (0.0, 1.0)  # ... with each of these eta (and --eta's), deterministic DDIM to DDPM's variance
+SWEEP_K, SWEEP_K_STEPS = (2, 4, 8), 20  # means of K samples (--eta), each of SWEEP_K_STEPS steps
 
 
 def sweep(cfg: Config, explicit: set[str]) -> dict:
@@ -1634,34 +1819,39 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     def nfe(steps: int) -> int:  # network calls per digit of a run asked for `steps`: at most T levels exist
         return min(steps, cfg.timesteps)
 
-    def run(steps: int, sample: int = 0):
-        c = replace(cfg, ddim_steps=nfe(steps), dc_repeats=1)
+    def run(steps: int, sample: int = 0, eta: float = cfg.eta):
+        c = replace(cfg, ddim_steps=nfe(steps), dc_repeats=1, eta=eta)
         return inpaint_digits(model, sched, x0, indices, mask_dev, c, device, sample,
-                              progress=f"{steps} steps, sample {sample + 1}")
+                              progress=f"{steps} steps, eta {eta:g}, sample {sample + 1}")
 
+    judge, judge_record, labels = perception_judge(cfg, data, n, device)
     points = []  # one per (method, NFE)
 
     def add(kind, nfe, pred):
-        points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend, device)})
+        points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend, device, judge, labels)})
 
-    singles = {steps: run(steps) for steps in SWEEP_STEPS}
-    for steps, pred in singles.items():
-        add("single sample", nfe(steps), pred)
-    k_samples = torch.stack([singles[SWEEP_K_STEPS] if k == 0 and SWEEP_K_STEPS in singles else run(SWEEP_K_STEPS, k)
-                             for k in range(max(SWEEP_K))])  # (K, N, 1, H, W); sample 0 is already drawn
+    etas = sorted({*SWEEP_ETAS, cfg.eta})
+    singles = {(steps, eta): run(steps, eta=eta) for eta in etas for steps in SWEEP_STEPS}
+    for (steps, eta), pred in singles.items():
+        add(f"single sample (eta {eta:g})", nfe(steps), pred)
+    first = singles.get((SWEEP_K_STEPS, cfg.eta))  # sample 0 of the K, when it is already drawn
+    k_samples = torch.stack([first if k == 0 and first is not None else run(SWEEP_K_STEPS, k)
+                             for k in range(max(SWEEP_K))])  # (K, N, 1, H, W)
     for K in SWEEP_K:
         add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * nfe(SWEEP_K_STEPS), k_samples[:K].mean(0))
     add("one-call x0_hat", 1, run(1))
-    fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device)
+    fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device, judge, labels)
                    for name, (fill, _) in baseline_fills(data.train, x0, known_mask).items()}
+    kinds = list(dict.fromkeys(p["kind"] for p in points))  # in the order drawn
+    styles = {kind: "*" if kind.startswith("one-call") else "s-" if kind.startswith("mean") else "o-" for kind in kinds}
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, ylabel in ((axes[0], "psnr", "hole PSNR (dB), higher is better"),
                                (axes[1], "l1", "hole L1, lower is better")):
-        for kind, marker in (("single sample", "o-"), ("mean of K", "s-"), ("one-call", "*")):
-            pts = [p for p in points if p["kind"].startswith(kind)]
-            ax.plot([p["nfe"] for p in pts], [p[metric] for p in pts], marker, ms=9 if kind == "one-call" else 5,
-                    label=pts[0]["kind"])
+        for kind in kinds:
+            pts = [p for p in points if p["kind"] == kind]
+            ax.plot([p["nfe"] for p in pts], [p[metric] for p in pts], styles[kind], ms=9 if len(pts) == 1 else 5,
+                    label=kind)
         for (name, r), style in zip(fill_scores.items(), (":", "-.", "--", "--")):
             ax.axhline(r[metric], ls=style, color="grey", lw=1)
             ax.annotate(name, (1, r[metric]), fontsize=7, color="grey", va="bottom")
@@ -1674,6 +1864,9 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     fig.tight_layout()
     fig.savefig(out / "quality_vs_nfe.png", dpi=120)
     plt.close(fig)
+    if judge is not None and n >= 2:  # a Frechet distance needs two digits
+        perception_distortion_plot(points, fill_scores, kinds, styles, f"{label}, checkpoint step {step}",
+                                   out / "perception_distortion.png")
 
     # Uncertainty: spread of the K samples against the error of their mean, inside the hole.
     mean, std = k_samples.mean(0), k_samples.std(0)
@@ -1700,18 +1893,46 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
         rows += [torch.stack([f[i] for f in frames_xt]), torch.stack([f[i] for f in frames_x0])]
     save_grid(rows, out / "trajectory.png")
 
-    result = {"points": points, "fills": fill_scores, "uncertainty_error_correlation": corr,
+    result = {"points": points, "fills": fill_scores, "perception_judge": judge_record,
+              "uncertainty_error_correlation": corr,
               "ambiguous_digits": ambiguous.tolist(), "n_eval": n, "inputs": label, "checkpoint": str(path),
               "checkpoint_step": step, "seed": cfg.seed, "versions": versions(), "config": asdict(cfg)}
     (out / "quality_vs_nfe.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'method':<44} {'NFE':>5} {'PSNR dB':>8} {'L1':>7}")
-    for p in points:
-        print(f"{p['kind']:<44} {p['nfe']:5d} {p['psnr']:8.2f} {p['l1']:7.4f}")
-    for name, r in fill_scores.items():
-        print(f"{name:<44} {0:5d} {r['psnr']:8.2f} {r['l1']:7.4f}")
+    judged = judge is not None
+    print(f"{'method':<44} {'NFE':>5} {'PSNR dB':>8} {'L1':>7}" + (f" {'acc %':>6} {'FD':>7}" if judged else ""))
+    for name, r in [*((p["kind"], p) for p in points), *fill_scores.items()]:
+        print(f"{name:<44} {r.get('nfe', 0):5d} {r['psnr']:8.2f} {r['l1']:7.4f}"
+              + (f" {r.get('accuracy', math.nan):6.1f} {r.get('frechet', math.nan):7.2f}" if judged else ""))
     print(f"correlation of the samples' per-pixel spread with the mean's error (hole pixels): {corr:.2f}")
-    print(f"wrote {out}/quality_vs_nfe.png, quality_vs_nfe.json, uncertainty.png, trajectory.png")
+    print(f"wrote {out}/quality_vs_nfe.png, quality_vs_nfe.json, uncertainty.png, trajectory.png"
+          + (", perception_distortion.png" if judge is not None and n >= 2 else ""))
     return result
+
+
+def perception_distortion_plot(points, fill_scores, kinds, styles, title, path: Path) -> None:
+    """Hole PSNR against Frechet distance, every method of the sweep and the fills, each point labelled."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for kind in kinds:
+        pts = [p for p in points if p["kind"] == kind]
+        ax.plot([p["frechet"] for p in pts], [p["psnr"] for p in pts], styles[kind], ms=9 if len(pts) == 1 else 5,
+                label=kind)
+        for p in pts:
+            ax.annotate(f"{p['nfe']}", (p["frechet"], p["psnr"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for name, r in fill_scores.items():
+        ax.plot(r["frechet"], r["psnr"], "x", color="grey")
+        ax.annotate(name, (r["frechet"], r["psnr"]), fontsize=7, color="grey", xytext=(3, -9),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("Frechet distance of the classifier's features to the untouched digits (lower looks more real)")
+    ax.set_ylabel("hole PSNR (dB), higher is better")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"perception against distortion (numbers: NFE per digit)\n{title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def collect_ablation(cfg: Config) -> dict:
@@ -1738,7 +1959,9 @@ def collect_ablation(cfg: Config) -> dict:
             "single_psnr": single["psnr"], "single_l1": single["l1"],
             "one_call_psnr": one_call["psnr"], "one_call_l1": one_call["l1"], "inputs": r["inputs"],
             "mean_psnr": next(v for k, v in metrics.items() if k.startswith("mean of"))["psnr"],
-            "nn10_psnr": metrics["10-NN mean"]["psnr"], "nn1_psnr": metrics["1-NN copy"]["psnr"]}
+            "nn10_psnr": metrics["10-NN mean"]["psnr"], "nn1_psnr": metrics["1-NN copy"]["psnr"],
+            **{f"{who}_{what}": row[what] for who, row in (("single", single), ("one_call", one_call))
+               for what in ("accuracy", "frechet") if what in row}}  # the perception axis, when eval measured it
     if not rows:
         raise UserError(f"no */inpaint_metrics.json under --out-dir {cfg.out_dir}; run make ablation first")
     print(f"{'run':<16} {'changed from the defaults':<44} {'steps':>5} {'sample dB':>9} {'L1':>7} "
@@ -2075,6 +2298,7 @@ def check_config(cfg: Config) -> None:
         if not ok:
             raise UserError(message, 2)
     parse_ch_mult(cfg.ch_mult)
+    box_sides(cfg)
 
 
 COMMANDS = ("train", "sample", "eval", "sweep", "collect", "bench", "bench-sampler")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A model and run small enough for a few seconds on a CPU; every CLI test starts from these flags.
 TINY = ["--data", "mnist5k", "--base-ch", "8", "--ch-mult", "1,2", "--batch-size", "16", "--steps", "4",
         "--warmup", "2", "--ddim-steps", "3", "--n-eval", "20", "--num-samples", "2", "--panel-every", "2",
-        "--ckpt-every", "2", "--amp", "off"]
+        "--ckpt-every", "2", "--amp", "off", "--no-perception"]  # test_perception.py tests the classifier
 
 
 def run_cli(*args, out_dir, expect=0):
@@ -257,16 +257,19 @@ def test_train_mask_centre_gives_that_fraction_the_centre_hole_per_image():
     assert torch.equal(masks[~is_centre], plain[~is_centre]), "the other images keep their own random box"
 
 
-def test_random_boxes_span_their_stated_ranges_which_include_the_centre_box():
-    masks = di.random_masks("box", torch.Generator().manual_seed(0), 4000)[:, 0] < 0.5  # True in the hole
+@pytest.mark.parametrize("sides", [di.BOX_SIDES, (12, 20), (16, 16)])
+def test_random_boxes_span_their_stated_ranges_which_include_the_centre_box(sides):
+    masks = di.random_masks("box", torch.Generator().manual_seed(0), 4000, sides=sides)[:, 0] < 0.5  # True: hole
     rows, cols = masks.any(2), masks.any(1)  # (n, 32): which rows / columns the hole touches
     heights, widths = rows.sum(1), cols.sum(1)
     assert torch.equal(masks.sum((1, 2)), heights * widths), "every hole is one rectangle"
-    lo, hi = di.BOX_SIDES
+    lo, hi = sides
     assert heights.min() == widths.min() == lo and heights.max() == widths.max() == hi
     tops = rows.float().argmax(1)
     assert tops.min() == di.BOX_MARGIN and (tops + heights).max() == 32 - di.BOX_MARGIN
     assert lo <= 16 <= hi and di.BOX_MARGIN <= 8 and 8 + 16 <= 32 - di.BOX_MARGIN, "the centre 16x16 is a box"
+    cfg = di.Config(train_box_sides=f"{lo}-{hi}")  # the flag reaches training as this range
+    assert di.box_sides(cfg) == sides
 
 
 @pytest.mark.parametrize("kind", ["box", "free"])
@@ -418,6 +421,25 @@ def test_model_flags_round_trip_through_the_checkpoint(tmp_path, capsys):
     assert "ignoring --base-ch" in capsys.readouterr().out
 
 
+def test_unconditional_network_is_blind_to_the_observation_and_still_inpaints(tmp_path):
+    # RePaint's recipe: the network sees x_t only; the hole is filled by data consistency alone.
+    model = di.UNet(8, (1, 2), 1, self_cond=False, coord_conv=False, uncond=True).eval()
+    torch.nn.init.normal_(model.out[-1].weight)  # else the zero-initialised output hides every input
+    x_t, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 700])
+    with torch.no_grad():
+        a = model(x_t, t, di.centre_mask(16), torch.randn(2, 1, 32, 32))
+        b = model(x_t, t, torch.ones(1, 1, 32, 32), torch.zeros(2, 1, 32, 32))
+        c = model(x_t + 0.1, t, di.centre_mask(16), torch.randn(2, 1, 32, 32))
+    assert model.conv_in.in_channels == 1 and torch.equal(a, b) and not torch.equal(a, c)
+    run_cli("train", *TINY, "--uncond", "--steps", "2", out_dir=tmp_path)
+    cfg, model, *_ = di.load_for_inference(di.Config(out_dir=str(tmp_path), ddim_steps=3, dc_repeats=2), set())
+    assert cfg.uncond and model.conv_in.in_channels == 1
+    x0, mask = di.load_mnist5k().test[:3], di.centre_mask(16)
+    cpu = torch.device("cpu")
+    filled = di.inpaint_digits(model, di.Schedule(cfg.schedule, cfg.timesteps, cpu), x0, [0, 1, 2], mask, cfg, cpu)
+    assert torch.equal(filled[:, :, mask[0, 0] > 0.5], x0[:, :, mask[0, 0] > 0.5]), "known pixels stay exact"
+
+
 def test_missing_checkpoint_is_a_clear_runtime_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no outputs/inpaint/last.pt here for sample to fall back to
     run_cli("sample", "--data", "mnist5k", out_dir=tmp_path, expect=1)
@@ -430,18 +452,20 @@ def test_sweep_reports_what_ran_and_the_k_sample_mean_beats_a_single_sample(tmp_
     ran, inpaint = [], di.inpaint_digits
 
     def recording(model, sched, x0, indices, known_mask, cfg, *args, **kwargs):
-        ran.append(cfg.ddim_steps * cfg.dc_repeats)  # network calls per digit
+        ran.append((cfg.ddim_steps * cfg.dc_repeats, cfg.eta))  # network calls per digit, and the eta used
         return inpaint(model, sched, x0, indices, known_mask, cfg, *args, **kwargs)
 
     monkeypatch.setattr(di, "inpaint_digits", recording)
     run_cli("sweep", *TINY, "--n-eval", "4", out_dir=tmp_path)
     points = json.loads((tmp_path / "results" / "quality_vs_nfe.json").read_text())["points"]
-    singles = [p for p in points if p["kind"] == "single sample"]
+    singles = {eta: [p for p in points if p["kind"] == f"single sample (eta {eta:g})"] for eta in (0.0, 1.0)}
     means = [p for p in points if p["kind"].startswith("mean of K")]
-    assert [p["nfe"] for p in singles] == ran[:5] == [5, 10, 20, 50, 50]
-    assert [p["nfe"] for p in means] == [2 * ran[5], 4 * ran[5], 8 * ran[5]] and ran[5] == 20
+    for i, eta in enumerate((0.0, 1.0)):  # each eta at every step count, 100 clamped to the 50 levels there are
+        expected = [(steps, eta) for steps in (5, 10, 20, 50, 50)]
+        assert [(p["nfe"], eta) for p in singles[eta]] == ran[5 * i:5 * i + 5] == expected
+    assert [p["nfe"] for p in means] == [2 * ran[10][0], 4 * ran[10][0], 8 * ran[10][0]] and ran[10] == (20, 0.0)
     assert [p["nfe"] for p in points if p["kind"] == "one-call x0_hat"] == [1]
-    single_20 = next(p for p in singles if p["nfe"] == 20)  # sample 0 of the 8 averaged
+    single_20 = next(p for p in singles[0.0] if p["nfe"] == 20)  # sample 0 of the 8 averaged
     assert means[-1]["psnr"] > single_20["psnr"] and means[-1]["l1"] < single_20["l1"], "the 8-mean must win"
     for name in ("quality_vs_nfe.png", "uncertainty.png", "trajectory.png"):
         assert (tmp_path / "results" / name).stat().st_size > 1000, name

@@ -63,6 +63,8 @@ def trained(tmp_path_factory):
     (["--train-mask", "round"], "--train-mask"),
     (["--mask-set", "round"], "--mask-set"),
     (["--train-mask-centre", "1.5"], "--train-mask-centre"),
+    (["--train-box-sides", "4,30"], "--train-box-sides"),
+    (["--train-box-sides", "20-12"], "--train-box-sides"),
     (["--mask", "examples/mask_offcentre.png", "--mask-set", "box"], "--mask-set"),
     (["--dc-repeats", "0"], "--dc-repeats"),
     (["--num-samples", "0"], "--num-samples"),
