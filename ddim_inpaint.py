@@ -766,10 +766,12 @@ def frechet_distance(f: torch.Tensor, r: torch.Tensor) -> float:
     return max(float(fd), 0.0)  # >= 0 in exact arithmetic; equal clouds can round to -1e-13
 
 
-def score(pred, target, known_mask, backend, device=torch.device("cpu"), judge=None, labels=None) -> dict:
+def score(pred, target, known_mask, backend, device=torch.device("cpu"), judge=None, labels=None,
+          real=None) -> dict:
     """Hole PSNR and L1 of [-1, 1] predictions, computed on `device`: means over the digits and 95% intervals.
     With a digit classifier `judge` also the perception axis: the filled digits' accuracy against
-    `labels` (when known, in %) and their Frechet distance to the untouched `target` digits."""
+    `labels` (when known, in %) and their Frechet distance to the untouched `target` digits, whose
+    features `real` = judge(target)[1] a caller scoring many methods passes once."""
     p, t, m = to_unit(pred).to(device), to_unit(target).to(device), known_mask.to(device)
     psnr = psnr_on_mask(p, t, m, backend, per_image=True, perfect_db=PERFECT_FILL_DB).double().cpu().numpy()
     l1 = l1_on_mask(p, t, m, backend, per_image=True).double().cpu().numpy()
@@ -780,7 +782,7 @@ def score(pred, target, known_mask, backend, device=torch.device("cpu"), judge=N
         if labels is not None:
             result["accuracy"] = 100 * (logits.argmax(1) == labels.to(logits.device)).double().mean().item()
         if len(pred) >= 2:  # a covariance needs two digits
-            result["frechet"] = frechet_distance(features, judge(target)[1])
+            result["frechet"] = frechet_distance(features, judge(target)[1] if real is None else real)
     return result
 
 
@@ -808,10 +810,10 @@ def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device, judge
         **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(train_x, x0, known_mask).items()},
         **({"ground truth (ceiling)": (x0, 0, 0.0)} if judge is not None else {}),
     }
-    table = {name: {**score(pred, x0, known_mask, cfg.backend, device, judge, labels), "nfe": nfe_, "seconds": secs}
-             for name, (pred, nfe_, secs) in methods.items()}
+    real = judge(x0)[1] if judge is not None else None  # the untouched digits' features, for every row
+    table = {name: {**score(pred, x0, known_mask, cfg.backend, device, judge, labels, real), "nfe": nfe_,
+                    "seconds": secs} for name, (pred, nfe_, secs) in methods.items()}
     if judge is not None and len(x0) >= 2:  # how far the distance moves between independent draws of one sampler
-        real = judge(x0)[1]
         table[f"DDIM sample ({cfg.ddim_steps} steps)"]["frechet_each_sample"] = [
             frechet_distance(judge(s.clamp(-1, 1))[1], real) for s in samples]
     return table
@@ -1707,6 +1709,16 @@ def perception_judge(cfg: Config, data: Data, n: int, device: torch.device):
     return judge, record, data.test_labels[:n]
 
 
+def perception_columns(judge, row: dict | None = None) -> str:
+    """The accuracy and FD columns of a printed table: their header without a row, else the row's cells
+    (nan where not measured); nothing when perception is off."""
+    if judge is None:
+        return ""
+    if row is None:
+        return f" {'acc %':>6} {'FD':>7}"
+    return f" {row.get('accuracy', math.nan):6.1f} {row.get('frechet', math.nan):7.2f}"
+
+
 def versions() -> dict:
     import torchvision
 
@@ -1747,17 +1759,18 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
     print(f"\nhole-only metrics on {label} (checkpoint step {step}, seed {cfg.seed}, {device}; "
           "95% bootstrap intervals):")
     print(f"{'method':<28} {'PSNR dB':>8} {'(95% CI)':>14} {'L1':>7} {'(95% CI)':>14} {'NFE':>5} {'seconds':>8}"
-          + (f" {'acc %':>6} {'FD':>7}" if judge is not None else ""))
+          + perception_columns(judge))
     for name, r in table.items():
         print(f"{name:<28} {r['psnr']:8.2f} {r['psnr_ci95'][0]:6.2f}-{r['psnr_ci95'][1]:<7.2f} "
               f"{r['l1']:7.4f} {r['l1_ci95'][0]:.4f}-{r['l1_ci95'][1]:.4f} {r['nfe']:5d} {r['seconds']:8.1f}"
-              + (f" {r.get('accuracy', math.nan):6.1f} {r.get('frechet', math.nan):7.2f}" if judge is not None else ""))
+              + perception_columns(judge, r))
     if judge is not None:
         print(f"acc %: digit accuracy of the filled digits by the classifier ({judge_record['test_accuracy']:.1f}% on "
               f"the test split); FD: Frechet distance of its features to the {n} untouched digits' (lower is better)")
         each = table[f"DDIM sample ({cfg.ddim_steps} steps)"].get("frechet_each_sample")
         if each:
-            print(f"FD of each of the {K} samples alone: {min(each):.2f} to {max(each):.2f} (how much one draw moves it)")
+            print(f"FD of each of the {K} samples alone: {min(each):.2f} to {max(each):.2f} "
+                  "(how much one draw moves it)")
     wall = table[f"mean of {K} DDIM samples"]["seconds"]
 
     # Like against like: a sample against the 1-NN copy (each one plausible digit), the posterior-mean
@@ -1825,10 +1838,12 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
                               progress=f"{steps} steps, eta {eta:g}, sample {sample + 1}")
 
     judge, judge_record, labels = perception_judge(cfg, data, n, device)
+    real = judge(x0)[1] if judge is not None else None  # the untouched digits' features, for every row
     points = []  # one per (method, NFE)
 
     def add(kind, nfe, pred):
-        points.append({"kind": kind, "nfe": nfe, **score(pred, x0, known_mask, cfg.backend, device, judge, labels)})
+        points.append({"kind": kind, "nfe": nfe,
+                       **score(pred, x0, known_mask, cfg.backend, device, judge, labels, real)})
 
     etas = sorted({*SWEEP_ETAS, cfg.eta})
     singles = {(steps, eta): run(steps, eta=eta) for eta in etas for steps in SWEEP_STEPS}
@@ -1840,7 +1855,7 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
     for K in SWEEP_K:
         add(f"mean of K samples ({SWEEP_K_STEPS} steps each)", K * nfe(SWEEP_K_STEPS), k_samples[:K].mean(0))
     add("one-call x0_hat", 1, run(1))
-    fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device, judge, labels)
+    fill_scores = {name: score(fill, x0, known_mask, cfg.backend, device, judge, labels, real)
                    for name, (fill, _) in baseline_fills(data.train, x0, known_mask).items()}
     kinds = list(dict.fromkeys(p["kind"] for p in points))  # in the order drawn
     styles = {kind: "*" if kind.startswith("one-call") else "s-" if kind.startswith("mean") else "o-" for kind in kinds}
@@ -1898,11 +1913,9 @@ def sweep(cfg: Config, explicit: set[str]) -> dict:
               "ambiguous_digits": ambiguous.tolist(), "n_eval": n, "inputs": label, "checkpoint": str(path),
               "checkpoint_step": step, "seed": cfg.seed, "versions": versions(), "config": asdict(cfg)}
     (out / "quality_vs_nfe.json").write_text(json.dumps(result, indent=2) + "\n")
-    judged = judge is not None
-    print(f"{'method':<44} {'NFE':>5} {'PSNR dB':>8} {'L1':>7}" + (f" {'acc %':>6} {'FD':>7}" if judged else ""))
+    print(f"{'method':<44} {'NFE':>5} {'PSNR dB':>8} {'L1':>7}" + perception_columns(judge))
     for name, r in [*((p["kind"], p) for p in points), *fill_scores.items()]:
-        print(f"{name:<44} {r.get('nfe', 0):5d} {r['psnr']:8.2f} {r['l1']:7.4f}"
-              + (f" {r.get('accuracy', math.nan):6.1f} {r.get('frechet', math.nan):7.2f}" if judged else ""))
+        print(f"{name:<44} {r.get('nfe', 0):5d} {r['psnr']:8.2f} {r['l1']:7.4f}" + perception_columns(judge, r))
     print(f"correlation of the samples' per-pixel spread with the mean's error (hole pixels): {corr:.2f}")
     print(f"wrote {out}/quality_vs_nfe.png, quality_vs_nfe.json, uncertainty.png, trajectory.png"
           + (", perception_distortion.png" if judge is not None and n >= 2 else ""))
