@@ -1,5 +1,5 @@
 # The interface: make train | sample | eval | test | sweep | ablation | precision | mask-study | bench | train-ddp |
-#   repaint-study | gpu-check | clean.
+#   repaint-study | budget-screen | gpu-check | clean.
 #   ARGS="--steps 500 --hole 12"   passes flags to ddim_inpaint.py
 #   PYTHON=python3                 uses an existing environment instead of creating .venv
 #   NPROC=2                        processes for train-ddp
@@ -13,7 +13,7 @@ ifeq ($(PYTHON),.venv/bin/python)
 ENV := .venv/.installed
 endif
 
-.PHONY: train sample eval test sweep ablation precision mask-study repaint-study bench train-ddp gpu-check clean
+.PHONY: train sample eval test sweep ablation precision mask-study repaint-study budget-screen bench train-ddp gpu-check clean
 
 train: $(ENV)
 	$(PYTHON) ddim_inpaint.py train $(ARGS)
@@ -110,10 +110,30 @@ repaint-study: $(ENV)
 	done
 	$(PYTHON) ddim_inpaint.py collect --out-dir results/repaint --results-dir results/repaint
 
-# Kernel benchmark, then U-Net training/sampling throughput.
+# A screen of training options at equal wall-clock: each arm of SCREEN_ARMS (lines NAME<TAB>STEPS<TAB>FLAGS) trains
+# for the steps it reaches in the default run's time on the 2-core CPU (timed there side by side, see the file),
+# then is scored on the 1,000 test digits with SCREEN_EVAL's sampler; SCREEN_JOBS runs at once (for a GPU: many
+# small runs share it well). The recorded screen's arms name the training defaults it started from (batch 128,
+# lr 2e-3) and it was scored with the sampler defaults of then (SCREEN_EVAL).
+SCREEN_ARMS ?= results/budget/screen/steps.tsv
+SCREEN_DIR ?= outputs/screen
+SCREEN_RESULTS ?= results/budget/screen
+SCREEN_EVAL ?= --ddim-steps 50 --num-samples 4
+SCREEN_JOBS ?= 1
+budget-screen: $(ENV)
+	mkdir -p $(SCREEN_RESULTS)
+	tr '\t' '|' < $(SCREEN_ARMS) | xargs -P $(SCREEN_JOBS) -I{} bash -c 'IFS="|" read -r name steps flags <<< "{}"; \
+	  dir=$(SCREEN_RESULTS)/$$name; mkdir -p $$dir; \
+	  { $(PYTHON) ddim_inpaint.py train --data mnist5k --steps $$steps --panel-every 0 --out-dir $(SCREEN_DIR)/$$name \
+	      $$flags $(ARGS) && $(PYTHON) ddim_inpaint.py eval --data mnist5k --out-dir $(SCREEN_DIR)/$$name \
+	      --results-dir $$dir $(SCREEN_EVAL) $(ARGS); } > $$dir/log.txt 2>&1; echo "$$name: exit $$? after $$SECONDS s"'
+	$(PYTHON) ddim_inpaint.py collect --out-dir $(SCREEN_RESULTS) --results-dir $(SCREEN_RESULTS)
+
+# Kernel benchmark, then U-Net training/sampling throughput (at batch 128, the batch of the recorded figures in
+# results/; ARGS="--batch-size 64" measures the training default).
 bench: $(ENV)
 	$(PYTHON) kernels.py bench
-	$(PYTHON) ddim_inpaint.py bench $(ARGS)
+	$(PYTHON) ddim_inpaint.py bench --batch-size 128 $(ARGS)
 
 # Data-parallel training: NPROC processes on one machine (gloo on CPU, nccl on GPUs).
 train-ddp: $(ENV)
@@ -129,8 +149,9 @@ clean:
 	rm -rf outputs .pytest_cache __pycache__ tests/__pycache__
 
 # One check on a machine with a CUDA GPU, with that machine's own python3 (no .venv, no mlxtend):
-# the kernel and sampler tests on the device, the kernel benchmark with Triton rows, the sampler's
-# and training's images/s, and the goals; everything lands in results/gpu/ (a few minutes on an H100).
+# the kernel and sampler tests on the device, the kernel benchmark with Triton rows, the sampler's and
+# training's images/s (batch 128, 50 DDIM steps, eta 0: the settings of the recorded figures), and the
+# goals; everything lands in results/gpu/ (a few minutes on an H100).
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= results/gpu
 gpu-check:
@@ -140,5 +161,5 @@ gpu-check:
 	-set -o pipefail; $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_pipeline.py \
 	  -k "kernels or keyed or graph or noise_auto" 2>&1 | tee $(GPU_RESULTS)/tests.log
 	$(GPU_PYTHON) kernels.py bench --out $(GPU_RESULTS)/kernel_bench.json
-	$(GPU_PYTHON) ddim_inpaint.py bench-sampler --results-dir $(GPU_RESULTS) $(ARGS)
+	$(GPU_PYTHON) ddim_inpaint.py bench-sampler --batch-size 128 --ddim-steps 50 --eta 0 --results-dir $(GPU_RESULTS) $(ARGS)
 	@! grep -E "[0-9]+ (failed|error)" $(GPU_RESULTS)/tests.log  # the benchmarks ran; now fail if a test did

@@ -257,6 +257,18 @@ def test_train_mask_centre_gives_that_fraction_the_centre_hole_per_image():
     assert torch.equal(masks[~is_centre], plain[~is_centre]), "the other images keep their own random box"
 
 
+def test_augment_shift_moves_each_digit_by_whole_pixels_copying_it_exactly():
+    x = torch.full((200, 1, 32, 32), -1.0)  # background, with the digit inside the 4-pixel margin
+    x[..., 4:28, 4:28] = torch.rand(200, 1, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    moved = di.shifted(x, torch.Generator().manual_seed(0), 2, whole=True)
+    d = torch.randint(-2, 3, (200, 2), generator=torch.Generator().manual_seed(0))  # the same draws: (dx, dy)
+    for i in range(200):  # each digit, rolled by its own shift: bit-equal (nothing interpolated)
+        assert torch.equal(moved[i], torch.roll(x[i], (-int(d[i, 1]), -int(d[i, 0])), (1, 2))), i
+    assert len({tuple(v) for v in d.tolist()}) == 25, "every shift in [-2, 2]^2 occurs"
+    again = di.shifted(x[:50], torch.Generator().manual_seed(0), 2, whole=True)
+    assert torch.equal(again, moved[:50]), "per image, whatever the batch size"
+
+
 @pytest.mark.parametrize("sides", [di.BOX_SIDES, (12, 20), (16, 16)])
 def test_random_boxes_span_their_stated_ranges_which_include_the_centre_box(sides):
     masks = di.random_masks("box", torch.Generator().manual_seed(0), 4000, sides=sides)[:, 0] < 0.5  # True: hole
@@ -379,6 +391,12 @@ def test_train_sample_eval_end_to_end(tmp_path):
     for name, r in result["metrics"].items():
         assert 0 < r["psnr"] < 100 and 0 < r["l1"] < 1, f"{name}: implausible metrics {r}"
         assert r["psnr_ci95"][0] <= r["psnr"] <= r["psnr_ci95"][1]
+    # The two posterior-mean estimates averaged: per pixel |(a + b) / 2 - x| <= (|a - x| + |b - x|) / 2.
+    one_call, mean = result["metrics"]["one-call x0_hat (t = T-1)"], result["metrics"]["mean of 2 DDIM samples"]
+    averaged = result["metrics"]["one-call and 2-mean averaged"]
+    assert averaged["l1"] <= (one_call["l1"] + mean["l1"]) / 2 + 1e-6 and averaged["nfe"] == mean["nfe"] + 1
+    estimates = ("one-call x0_hat (t = T-1)", "mean of 2 DDIM samples", "one-call and 2-mean averaged")
+    assert result["comparison"]["posterior_mean"] == max(estimates, key=lambda m: result["metrics"][m]["psnr"])
 
     # The ablation collector names each run by what its checkpoint changed from the defaults.
     di.main(["collect", "--out-dir", str(tmp_path), "--results-dir", str(tmp_path / "collected")])
@@ -463,9 +481,10 @@ def test_sweep_reports_what_ran_and_the_k_sample_mean_beats_a_single_sample(tmp_
     for i, eta in enumerate((0.0, 1.0)):  # each eta at every step count, 100 clamped to the 50 levels there are
         expected = [(steps, eta) for steps in (5, 10, 20, 50, 50)]
         assert [(p["nfe"], eta) for p in singles[eta]] == ran[5 * i:5 * i + 5] == expected
-    assert [p["nfe"] for p in means] == [2 * ran[10][0], 4 * ran[10][0], 8 * ran[10][0]] and ran[10] == (20, 0.0)
+    eta = di.Config().eta  # the K-means are drawn at 20 steps with the configured eta
+    assert [p["nfe"] for p in means] == [2 * ran[10][0], 4 * ran[10][0], 8 * ran[10][0]] and ran[10] == (20, eta)
     assert [p["nfe"] for p in points if p["kind"] == "one-call x0_hat"] == [1]
-    single_20 = next(p for p in singles[0.0] if p["nfe"] == 20)  # sample 0 of the 8 averaged
+    single_20 = next(p for p in singles[eta] if p["nfe"] == 20)  # sample 0 of the 8 averaged
     assert means[-1]["psnr"] > single_20["psnr"] and means[-1]["l1"] < single_20["l1"], "the 8-mean must win"
     for name in ("quality_vs_nfe.png", "uncertainty.png", "trajectory.png"):
         assert (tmp_path / "results" / name).stat().st_size > 1000, name

@@ -65,6 +65,7 @@ def trained(tmp_path_factory):
     (["--train-mask-centre", "1.5"], "--train-mask-centre"),
     (["--train-box-sides", "4,30"], "--train-box-sides"),
     (["--train-box-sides", "20-12"], "--train-box-sides"),
+    (["--augment-shift", "5"], "--augment-shift"),
     (["--mask", "examples/mask_offcentre.png", "--mask-set", "box"], "--mask-set"),
     (["--dc-repeats", "0"], "--dc-repeats"),
     (["--num-samples", "0"], "--num-samples"),
@@ -396,6 +397,6 @@ def test_same_seed_gives_identical_checkpoints_samples_and_metrics(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), f"weights differ at {k}"
     assert (runs[0] / "samples.png").read_bytes() == (runs[1] / "samples.png").read_bytes()
     metrics = [json.loads((out / "inpaint_metrics.json").read_text())["metrics"] for out in runs]
-    for name in metrics[0]:  # run b evaluated with another batch size: each digit's noise is its own
-        for key in ("psnr", "l1"):
-            assert metrics[0][name][key] == metrics[1][name][key], f"{name} {key} differs"
+    for name in metrics[0]:  # run b evaluated with another batch size: each digit's noise is its own, but
+        for key in ("psnr", "l1"):  # the U-Net's convolutions may round 1 ulp differently per batch shape
+            assert metrics[0][name][key] == pytest.approx(metrics[1][name][key], rel=1e-6), f"{name} {key} differs"
