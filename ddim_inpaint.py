@@ -830,7 +830,7 @@ def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device, judge
 # ## Try it
 #
 # A tiny run from end to end: train the default U-Net for 300 steps on the bundled digits, inpaint the
-# first ten test digits and show the panel (ground truth, masked, filled): 71 s on a 2-core CPU, and
+# first ten test digits and show the panel (ground truth, masked, filled): 66 s on a 2-core CPU, and
 # the digits already read as digits. The real run is `make train` (3,700 steps). In a notebook, this
 # cell runs it.
 
