@@ -510,6 +510,7 @@ def train(cfg: Config) -> int:
         sched = Schedule(cfg.schedule, cfg.timesteps, run.device)
         known_mask = centre_mask(cfg.hole).to(run.device)  # (1, 1, H, W): the centre hole
         train_x = data.train.to(run.device)  # (N, 1, H, W): small enough to keep on the device
+        sides = box_sides(cfg)  # --train-box-sides, for --train-mask box
         net = run.start(model, ema, opt, data, sched, known_mask)  # also draws panels of 10 test digits
         model.train()
         while run.keep_going():
@@ -519,8 +520,10 @@ def train(cfg: Config) -> int:
             idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen).to(run.device)
             # --train-mask box or free: a random hole per image instead (random_masks, Part II)
             mask = known_mask if cfg.train_mask == "centre" else random_masks(
-                cfg.train_mask, run.data_gen, len(idx), known_mask, cfg.train_mask_centre, box_sides(cfg))
-            x0 = train_x[idx] if not cfg.augment_shift else shifted(train_x[idx], run.data_gen, cfg.augment_shift, True)
+                cfg.train_mask, run.data_gen, len(idx), known_mask, cfg.train_mask_centre, sides)
+            x0 = train_x[idx]
+            if cfg.augment_shift:  # each digit moved by its own whole-pixel shift (shifted, Part II)
+                x0 = shifted(x0, run.data_gen, cfg.augment_shift, whole=True)
             loss = diffusion_loss(net, sched, x0, mask.to(run.device), cfg, run.noise_gen)
             run.check_finite(loss)  # a NaN must be caught before it reaches the weights
             opt.zero_grad(set_to_none=True)
@@ -811,7 +814,8 @@ def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device, judge
         f"DDIM sample ({cfg.ddim_steps} steps)": (samples[0], nfe, sample_secs[0]),
         f"mean of {K} DDIM samples": (mean, K * nfe, sum(sample_secs)),
         "one-call x0_hat (t = T-1)": (one_call, 1, one_call_secs),
-        # Two estimates of E[x0 | y] with partly independent errors: their average errs less than either.
+        # Two estimates of E[x0 | y] with partly independent errors: per pixel, their average's error is at
+        # most the mean of theirs (|(a + b) / 2 - x| <= (|a - x| + |b - x|) / 2), less where they err apart.
         **({f"one-call and {K}-mean averaged": ((one_call + mean) / 2, K * nfe + 1, sum(sample_secs) + one_call_secs)}
            if K > 1 else {}),
         **{name: (fill, 0, secs) for name, (fill, secs) in baseline_fills(train_x, x0, known_mask).items()},
@@ -1550,6 +1554,7 @@ def save_inpainted(images: torch.Tensor, names: list[str], source: str, out: Pat
 
 # -----------------------------------------------------------------------------------------------
 # The perception judge: a digit classifier for eval's accuracy and Frechet distance (Part I, section 7)
+# (its random shifts, `shifted`, also serve training's --augment-shift)
 #
 # Trained once per dataset on the training split only, with a fixed seed of its own (every model is
 # judged by the same classifier), and cached under outputs/classifier/ with what it was trained on
@@ -1558,7 +1563,6 @@ def save_inpainted(images: torch.Tensor, names: list[str], source: str, out: Pat
 CLASSIFIER_DIR = Path("outputs/classifier")
 CLASSIFIER_FORMAT, CLASSIFIER_VERSION = "ddim-inpaint-classifier", 1
 CLASSIFIER_SEED, CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 0, 600, 128, 2e-3
-MAX_AUGMENT_SHIFT = 4  # pixels: MNIST's digits sit in a 20x20 box inside 28x28, so 4 keeps them whole
 CLASSIFIER_SHIFT = 2.0  # pixels: random translations of the training digits, the classic MNIST augmentation
 FEATURES = 64  # width of the penultimate layer, whose activations the Frechet distance compares
 FEATURE_LAYER = f"the {FEATURES} ReLU features before the classifier's last linear layer"
@@ -1577,6 +1581,9 @@ class DigitClassifier(nn.Module):
     def forward(self, x):
         f = self.features(x)
         return self.logits(f), f
+
+
+MAX_AUGMENT_SHIFT = 4  # --augment-shift's limit: MNIST's digits sit in a 20x20 box inside 28x28, so 4 keeps them whole
 
 
 def shifted(x: torch.Tensor, gen: torch.Generator, most: float = CLASSIFIER_SHIFT, whole: bool = False) -> torch.Tensor:
