@@ -824,9 +824,11 @@ def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device, judge
     real = judge(x0)[1] if judge is not None else None  # the untouched digits' features, for every row
     table = {name: {**score(pred, x0, known_mask, cfg.backend, device, judge, labels, real), "nfe": nfe_,
                     "seconds": secs} for name, (pred, nfe_, secs) in methods.items()}
-    if judge is not None and len(x0) >= 2:  # how far the distance moves between independent draws of one sampler
-        table[f"DDIM sample ({cfg.ddim_steps} steps)"]["frechet_each_sample"] = [
-            frechet_distance(judge(s.clamp(-1, 1))[1], real) for s in samples]
+    # How far one draw moves a single sample's figures: each of the K independent draws scored alone
+    single = table[f"DDIM sample ({cfg.ddim_steps} steps)"]
+    single["psnr_each_sample"] = [score(s, x0, known_mask, cfg.backend, device)["psnr"] for s in samples]
+    if judge is not None and len(x0) >= 2:
+        single["frechet_each_sample"] = [frechet_distance(judge(s.clamp(-1, 1))[1], real) for s in samples]
     return table
 
 
@@ -1790,6 +1792,9 @@ def evaluate(cfg: Config, explicit: set[str]) -> dict:
         if each:
             print(f"FD of each of the {K} samples alone: {min(each):.2f} to {max(each):.2f} "
                   "(how much one draw moves it)")
+    each = table[f"DDIM sample ({cfg.ddim_steps} steps)"]["psnr_each_sample"]
+    print(f"PSNR of each of the {K} samples alone: {min(each):.2f} to {max(each):.2f} dB, "
+          f"mean {np.mean(each):.2f} (a single sample's expected PSNR)")
     wall = table[f"mean of {K} DDIM samples"]["seconds"]
 
     # Like against like: a sample against the 1-NN copy (each one plausible digit), the posterior-mean

@@ -397,6 +397,10 @@ def test_train_sample_eval_end_to_end(tmp_path):
     assert averaged["l1"] <= (one_call["l1"] + mean["l1"]) / 2 + 1e-6 and averaged["nfe"] == mean["nfe"] + 1
     estimates = ("one-call x0_hat (t = T-1)", "mean of 2 DDIM samples", "one-call and 2-mean averaged")
     assert result["comparison"]["posterior_mean"] == max(estimates, key=lambda m: result["metrics"][m]["psnr"])
+    # A single sample's figure is draw 0's; every draw is also scored alone.
+    single = result["metrics"]["DDIM sample (3 steps)"]
+    each = single["psnr_each_sample"]
+    assert len(each) == 2 and each[0] == single["psnr"] and each[0] != each[1]
 
     # The ablation collector names each run by what its checkpoint changed from the defaults.
     di.main(["collect", "--out-dir", str(tmp_path), "--results-dir", str(tmp_path / "collected")])
