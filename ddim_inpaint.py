@@ -825,10 +825,13 @@ def eval_table(model, sched, cfg: Config, x0, train_x, known_mask, device, judge
     table = {name: {**score(pred, x0, known_mask, cfg.backend, device, judge, labels, real), "nfe": nfe_,
                     "seconds": secs} for name, (pred, nfe_, secs) in methods.items()}
     # How far one draw moves a single sample's figures: each of the K independent draws scored alone
+    # (draw 0 is the row itself, already scored)
     single = table[f"DDIM sample ({cfg.ddim_steps} steps)"]
-    single["psnr_each_sample"] = [score(s, x0, known_mask, cfg.backend, device)["psnr"] for s in samples]
-    if judge is not None and len(x0) >= 2:
-        single["frechet_each_sample"] = [frechet_distance(judge(s.clamp(-1, 1))[1], real) for s in samples]
+    single["psnr_each_sample"] = [single["psnr"], *(score(s, x0, known_mask, cfg.backend, device)["psnr"]
+                                                    for s in samples[1:])]
+    if "frechet" in single:
+        single["frechet_each_sample"] = [single["frechet"], *(frechet_distance(judge(s.clamp(-1, 1))[1], real)
+                                                              for s in samples[1:])]
     return table
 
 
