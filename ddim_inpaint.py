@@ -1569,6 +1569,7 @@ CLASSIFIER_DIR = Path("outputs/classifier")
 CLASSIFIER_FORMAT, CLASSIFIER_VERSION = "ddim-inpaint-classifier", 1
 CLASSIFIER_SEED, CLASSIFIER_STEPS, CLASSIFIER_BATCH, CLASSIFIER_LR = 0, 600, 128, 2e-3
 CLASSIFIER_SHIFT = 2.0  # pixels: random translations of the training digits, the classic MNIST augmentation
+CLASSIFIER_THREADS = 2  # CPU threads it trains on: how sums split across threads moves its weights' last bits
 FEATURES = 64  # width of the penultimate layer, whose activations the Frechet distance compares
 FEATURE_LAYER = f"the {FEATURES} ReLU features before the classifier's last linear layer"
 
@@ -1619,15 +1620,19 @@ def train_classifier(data: Data, device: torch.device) -> tuple[DigitClassifier,
     net, gen = DigitClassifier().to(device), torch.Generator().manual_seed(CLASSIFIER_SEED)
     opt = torch.optim.AdamW(net.parameters(), lr=CLASSIFIER_LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, CLASSIFIER_STEPS)
-    t0 = time.time()
-    for _ in tqdm(range(CLASSIFIER_STEPS), desc="digit classifier", unit="step", leave=False):
-        idx = torch.randint(0, len(data.train), (CLASSIFIER_BATCH,), generator=gen)
-        logits, _ = net(shifted(data.train[idx], gen).to(device))
-        loss = F.cross_entropy(logits, data.train_labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    t0, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(CLASSIFIER_THREADS)  # the same judge whatever thread count this process started with
+    try:
+        for _ in tqdm(range(CLASSIFIER_STEPS), desc="digit classifier", unit="step", leave=False):
+            idx = torch.randint(0, len(data.train), (CLASSIFIER_BATCH,), generator=gen)
+            logits, _ = net(shifted(data.train[idx], gen).to(device))
+            loss = F.cross_entropy(logits, data.train_labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
     net.eval()
     accuracy = 100 * (classify(net, data.test)[0].argmax(1) == data.test_labels).double().mean().item()
     return net, {"data": data.name, "n_train": len(data.train), "seed": CLASSIFIER_SEED, "steps": CLASSIFIER_STEPS,

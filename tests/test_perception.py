@@ -57,6 +57,20 @@ def test_the_judge_learns_the_digits_and_is_cached(tmp_path, monkeypatch, capsys
     assert torch.load(path, weights_only=True)["record"]["steps"] == -1, "the retrained judge replaces the file"
 
 
+def test_the_judge_does_not_depend_on_the_thread_count(monkeypatch):
+    # How a CPU splits its sums across threads moves the weights' last bits, and with them every Frechet distance.
+    monkeypatch.setattr(di, "CLASSIFIER_STEPS", 20)
+    data, threads, weights = di.load_mnist5k(), torch.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            weights.append(di.train_classifier(data, CPU)[0].state_dict())
+            assert torch.get_num_threads() == n, "training the judge must give the thread count back"
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "1 and 3 threads: another judge"
+
+
 @pytest.fixture
 def quick_judge(tmp_path, monkeypatch):
     """A judge trained for 100 steps (seconds) in a temp cache: enough to tell a digit from a black hole."""
