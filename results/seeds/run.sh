@@ -28,7 +28,7 @@ job() {  # job NAME SEED
   esac
   local dir=$WORK/$name-s$seed log=$RESULTS/logs/$name-s$seed.txt
   mkdir -p "$RESULTS/logs"
-  {
+  (  # a subshell: a failing step ends this job alone, and the line below still reports it
     $PYTHON ddim_inpaint.py train --data mnist5k --seed "$seed" --panel-every 0 --out-dir "$dir" $flags $TRAIN_ARGS \
       || exit 1
     if [ "$name" = old ]; then
@@ -40,7 +40,7 @@ job() {  # job NAME SEED
       $PYTHON ddim_inpaint.py eval --data mnist5k --n-eval 1000 --seed "$seed" --ckpt "$dir/last.pt" \
         --results-dir "$RESULTS/$name-s$seed-on-${e%%:*}" $(echo "${e#*:}" | tr ':=' '  ') $EVAL_ARGS || exit 1
     done
-  } > "$log" 2>&1
+  ) > "$log" 2>&1
   echo "$name-s$seed: exit $? after $SECONDS s"
 }
 export -f job
