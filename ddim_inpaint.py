@@ -1026,8 +1026,13 @@ class Distributed:
         return self.rank == 0
 
     @staticmethod
+    def world_from_env() -> int:
+        """How many processes torchrun started (1 without torchrun)."""
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @staticmethod
     def from_env() -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = Distributed.world_from_env()
         if world == 1:
             return Distributed()
         import torch.distributed as torch_dist
@@ -2417,11 +2422,11 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:  # a script, not a notebook cell
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if Distributed.world_from_env() > 1:
         # Under torchrun, skip the interpreter's final teardown. DDP keeps the gloo process group alive
         # past destroy_process_group, and a gloo worker thread that frees a collective's tensors while
         # the interpreter finalizes aborts the process ("terminate called without an active exception":
-        # 3 of 140 runs of the tests' two-process training here; pytorch/pytorch PR 179291). By now every
+        # 2 of 100 runs of the tests' two-process training here; pytorch/pytorch PR 179291). By now every
         # file is written and closed.
         sys.stdout.flush()
         sys.stderr.flush()

@@ -7,13 +7,26 @@ cannot get it, and the process aborts with "terminate called without an active e
 
     python results/ci/ddp_exit_repro.py 30          # 30 runs as the program used to end
     python results/ci/ddp_exit_repro.py 30 exit     # 30 runs ending with os._exit, as it does now
+    python results/ci/ddp_exit_repro.py 60 train    # 60 runs of the tests' 2-step two-process training
 
 As a worker (under torchrun) it runs one variant: plain, barrier, nodp (DDP freed first), sleep, exit.
 """
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tests_training_flags() -> list[str]:
+    """The flags of tests/test_scaling.py's 2-step torchrun run (the run that aborted in CI)."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from test_scaling import CONSTANT_LR, TINY
+
+    return [*TINY, *CONSTANT_LR, "--steps", "2"]
 
 
 def worker(variant: str) -> None:
@@ -42,10 +55,16 @@ def worker(variant: str) -> None:
 
 def main(runs: int, variant: str) -> None:
     aborted = 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    train = tests_training_flags() if variant == "train" else []
     for _ in range(runs):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               "2", __file__, "--worker", variant], capture_output=True, text=True)
-        aborted += proc.returncode != 0 and "terminate called" in proc.stderr
+        with tempfile.TemporaryDirectory() as out:
+            job = ([str(ROOT / "ddim_inpaint.py"), "train", *train, "--out-dir", out] if variant == "train"
+                   else [__file__, "--worker", variant])
+            proc = subprocess.run(torchrun + job, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode and "terminate called" not in proc.stderr:
+            sys.exit(f"a run failed for another reason:\n{proc.stderr[-2000:]}")
+        aborted += proc.returncode != 0
     print(f"{variant}: {aborted} of {runs} runs aborted")
 
 
