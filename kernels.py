@@ -15,12 +15,13 @@ tensors that needs ``TRITON_INTERPRET=1``), ``backend="torch"`` forces the refer
 
 Reading order, as in the Triton tutorials: for each kernel the equations and the reference, then
 prose on what is fused and how many bytes that saves, the ``@triton.jit`` kernel, its launcher and
-its dispatcher. The checks live in tests/test_kernels.py, the benchmark at the end of this file.
+its dispatcher. The benchmark comes last. The checks live in tests/test_kernels.py (kernels against
+references, under the interpreter or on a GPU) and tests/test_kernels_compile.py (every variant
+compiled for sm_80 and sm_90 on this machine, no GPU needed).
 
 Usage:
-    python -m pytest tests/test_kernels.py -q   # kernels vs references: on CUDA, else the CPU interpreter
-    python kernels.py bench        # or: make bench; writes results/kernel_bench.json
-    python kernels.py ptx          # compile every variant for sm_80/sm_90 here, no GPU needed: PTX report
+    python -m pytest tests/test_kernels.py tests/test_kernels_compile.py -q
+    python kernels.py bench        # or: make bench; writes outputs/kernel_bench.json
 """
 from __future__ import annotations
 
@@ -130,16 +131,20 @@ def ddim_dc_step_ref(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, no
     """Reference DDIM step + data consistency; returns (x_prev, x0_hat) in x_t's dtype.
 
     x_t, model_out, y, noise, known_noise: (B, C, H, W); known_mask: (B or 1, 1, H, W), 1 = known.
-    `noise` is needed only when sigma > 0 and `known_noise` only when alpha_bar_prev < 1.
+    `noise` is needed when sigma > 0 and `known_noise` when alpha_bar_prev < 1; a term whose tensor
+    is not given is left out. The coefficients may be floats or 0-d tensors (what torch.compile
+    needs to serve every step with one graph, see the benchmark).
     """
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731 - arithmetic is fp32 whatever the storage
-    x_t32, out32, y32 = f32(x_t), f32(model_out), f32(y)
-    x0_hat, eps_hat = split_prediction_ref(x_t32, out32, c, pred)
+    for name, scale, given in (("noise", c.sigma, noise), ("known_noise", c.sqrt_1m_ab_prev, known_noise)):
+        if given is None and isinstance(scale, float) and scale > 0:
+            raise ValueError(f"this step needs `{name}` (its scale is {scale:.3g})")
+    f32 = lambda t: t.float()  # noqa: E731 - arithmetic is fp32 whatever the storage
+    x0_hat, eps_hat = split_prediction_ref(f32(x_t), f32(model_out), c, pred)
     x_prev = c.sqrt_ab_prev * x0_hat + c.dir_coef * eps_hat
-    if c.sigma > 0:
+    if noise is not None:
         x_prev = x_prev + c.sigma * f32(noise)
-    y_level = c.sqrt_ab_prev * y32
-    if c.sqrt_1m_ab_prev > 0:
+    y_level = c.sqrt_ab_prev * f32(y)
+    if known_noise is not None:
         y_level = y_level + c.sqrt_1m_ab_prev * f32(known_noise)
     x_prev = torch.where(known_mask > 0.5, y_level, x_prev)
     return x_prev.to(x_t.dtype), x0_hat.to(x_t.dtype)
@@ -600,37 +605,18 @@ def uses_triton(t: torch.Tensor, backend: str) -> bool:
 # Providers, timed on the same inputs: the eager reference, torch.compile of the reference, the fused
 # kernel reading noise tensors ("triton") and the fused kernel drawing its noise itself ("triton+rng").
 # Timing is triton.testing.do_bench on a GPU (median, 20th and 80th percentile, in ms, with the L2
-# cache flushed between runs); on a CPU a wall-clock median of a few runs. Throughput is logical
-# bytes / time, the logical bytes being the least the operation must move: every input read once,
-# every output written once (triton+rng never reads the noise tensors, so they do not count for it).
+# cache flushed between runs); on a CPU a wall-clock median, the providers of a row timed in turn
+# once per round so that a machine that drifts moves them together. Throughput is logical bytes /
+# time, the logical bytes being the least the operation must move: every input read once, every
+# output written once (triton+rng never reads the noise tensors, so they do not count for it).
 # A memory-bound kernel cannot beat the device's copy bandwidth, measured as dst.copy_(src), so
 # "% copy" says how close a provider gets to the hardware.
 # The loop table runs a whole DDIM inpainting loop with the U-Net replaced by a fixed 3x3 convolution,
 # so the step's share of a sampler's time, and what fusing it buys there, is visible.
 # -----------------------------------------------------------------------------------------------
-def ddim_dc_step_ref_tensor_coeffs(x_t, model_out, y, known_mask, k: StepCoeffs, pred: str, noise=None,
-                                   known_noise=None):
-    """ddim_dc_step_ref for torch.compile: `k` holds the per-step scalars as 0-d tensors.
-
-    torch.compile guards on Python-float arguments and recompiles when they change, i.e. every step;
-    as tensors they are data, and one graph serves every step. For the same reason the noise terms
-    are added when their tensors are given (fixed for a graph) instead of when sigma > 0 (a value).
-    """
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    x_t32, out32, y32 = f32(x_t), f32(model_out), f32(y)
-    x0_hat, eps_hat = split_prediction_ref(x_t32, out32, k, pred)
-    x_prev = k.sqrt_ab_prev * x0_hat + k.dir_coef * eps_hat
-    if noise is not None:
-        x_prev = x_prev + k.sigma * f32(noise)
-    y_level = k.sqrt_ab_prev * y32
-    if known_noise is not None:
-        y_level = y_level + k.sqrt_1m_ab_prev * f32(known_noise)
-    x_prev = torch.where(known_mask > 0.5, y_level, x_prev)
-    return x_prev.to(x_t.dtype), x0_hat.to(x_t.dtype)
-
-
 def tensor_coeffs(c: StepCoeffs, device) -> StepCoeffs:
-    """The same coefficients as 0-d float32 tensors on `device`, for ddim_dc_step_ref_tensor_coeffs."""
+    """The coefficients as 0-d float32 tensors: torch.compile guards on Python floats and would recompile
+    the reference at every step; as tensors they are data, and one graph serves every step."""
     return StepCoeffs(*(torch.tensor(v, dtype=torch.float32, device=device) for v in astuple(c)))
 
 
@@ -654,31 +640,36 @@ def device_name(device: torch.device) -> str:
     return f"{name}, {cores} cores"
 
 
-def _make_timer(device: torch.device, reps: int):
-    """A function fn -> (median, p20, p80) of fn's run time in ms."""
-    if device.type == "cuda" and HAVE_TRITON:
-        return lambda fn: tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+def time_side_by_side(fns: dict, device: torch.device, reps: int = 10) -> dict[str, tuple[float, float, float]]:
+    """{name: (median, p20, p80) of fn's run time in ms} for each fn in `fns`.
 
-    def wall_clock(fn):
-        fn()  # warm-up; for torch.compile this is where the compilation happens
-        times = []
-        for _ in range(reps):
+    On a CUDA GPU, triton.testing.do_bench per function. Elsewhere each function is called twice to
+    warm up (torch.compile compiles then), then once per round for `reps` rounds, in turn.
+    """
+    if device.type == "cuda" and HAVE_TRITON:
+        return {name: tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return tuple(times[round(q * (len(times) - 1))] for q in (0.5, 0.2, 0.8))
-
-    return wall_clock
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    quantile = lambda ts, q: sorted(ts)[round(q * (len(ts) - 1))]  # noqa: E731
+    return {name: tuple(quantile(ts, q) for q in (0.5, 0.2, 0.8)) for name, ts in times.items()}
 
 
-def _copy_bandwidth(device: torch.device, timer, nbytes: int) -> float:
+def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """GB/s of dst.copy_(src) on an nbytes tensor: nbytes read + nbytes written."""
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / timer(lambda: dst.copy_(src))[0] / 1e6
+    return 2 * nbytes / time_side_by_side({"copy": lambda: dst.copy_(src)}, device)["copy"][0] / 1e6
 
 
 def _step_providers(shape, dtype, device, eta, compiled_step, with_triton):
@@ -719,11 +710,12 @@ def _sums_providers(shape, dtype, device, compiled_sums, with_triton):
     return providers
 
 
-def _time_providers(label: str, dtype, providers: dict, timer, copy_gbps: float) -> list[dict]:
+def _time_providers(label: str, dtype, providers: dict, device, copy_gbps: float) -> list[dict]:
     """Time each provider; print and return one row per provider."""
+    timed = time_side_by_side({name: fn for name, (fn, _) in providers.items()}, device)
     rows = []
     for name, (fn, nbytes) in providers.items():
-        ms, p20, p80 = timer(fn)
+        ms, p20, p80 = timed[name]
         rows.append(dict(size=label, dtype=str(dtype).removeprefix("torch."), provider=name, ms=ms, ms_p20=p20,
                          ms_p80=p80, GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))
     base = {r["provider"]: r["ms"] for r in rows}
@@ -735,24 +727,20 @@ def _time_providers(label: str, dtype, providers: dict, timer, copy_gbps: float)
     return rows
 
 
-def _loop_coeffs(steps: int, eta: float, T: int = 1000) -> list[StepCoeffs]:
-    """Coefficients of a `steps`-step DDIM walk from level T-1 to "-1" on the cosine schedule."""
-    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731 - improved DDPM eq. 17
-    alpha_bar = [f(t + 1) / f(0) for t in range(T)]
-    ts = [round((T - 1) * (1 - i / (steps - 1))) for i in range(steps)]
-    ab_prev = [alpha_bar[t] for t in ts[1:]] + [1.0]
-    return [ddim_step_coeffs(alpha_bar[t], p, eta) for t, p in zip(ts, ab_prev)]
-
-
 def _loop_providers(shape, device, eta, steps, compiled_step, with_triton):
     """{provider: fn} running a whole DDIM inpainting loop in fp32 with a 3x3 conv as the network."""
+    import ddim_inpaint  # the sampler's own schedule and levels (imported here: it imports this file)
+
     B, C, H, W = shape
     g = torch.Generator(device).manual_seed(0)
     x_T, y = (torch.randn(shape, generator=g, device=device) for _ in range(2))
     known_mask = torch.ones(1, 1, H, W, device=device)
     known_mask[..., H // 4:3 * H // 4, W // 4:3 * W // 4] = 0  # a centre hole, one mask for the batch
     weight = torch.randn(C, C, 3, 3, generator=g, device=device) / 3
-    coeffs = _loop_coeffs(steps, eta)
+    ab = ddim_inpaint.make_alpha_bar("cosine", 1000).tolist()
+    ts = ddim_inpaint.ddim_timesteps(1000, steps)
+    coeffs = [ddim_step_coeffs(ab[t], ab[t_prev] if t_prev is not None else 1.0, eta)
+              for t, t_prev in zip(ts, [*ts[1:], None])]
     k = [tensor_coeffs(c, device) for c in coeffs]
     keys = torch.arange(B, device=device)  # one Philox key per image
 
@@ -779,13 +767,11 @@ def _loop_providers(shape, device, eta, steps, compiled_step, with_triton):
     return {name: functools.partial(loop, step) for name, step in step_fns.items()}
 
 
-def _time_loop(shape, device, eta, steps, compiled_step, with_triton, timer) -> list[dict]:
+def _time_loop(shape, device, eta, steps, compiled_step, with_triton) -> list[dict]:
     """Time the whole loop per provider; print and return one row per provider."""
-    rows = []
-    for name, fn in _loop_providers(shape, device, eta, steps, compiled_step, with_triton).items():
-        ms, p20, p80 = timer(fn)
-        rows.append(dict(size="x".join(map(str, shape)), provider=name, ms=ms, ms_p20=p20, ms_p80=p80,
-                         ms_per_step=ms / steps))
+    timed = time_side_by_side(_loop_providers(shape, device, eta, steps, compiled_step, with_triton), device, reps=3)
+    rows = [dict(size="x".join(map(str, shape)), provider=name, ms=ms, ms_p20=p20, ms_p80=p80, ms_per_step=ms / steps)
+            for name, (ms, p20, p80) in timed.items()]
     standin, eager = rows[0]["ms"], rows[1]["ms"]  # "stand-in only" and "eager" come first
     for r in rows:
         r["step_share"] = max(r["ms"] - standin, 0.0) / r["ms"]  # what the DDIM steps add to the network's time
@@ -799,43 +785,33 @@ def bench(eta: float, steps: int, out: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     with_triton = on_gpu and HAVE_TRITON
-    timer = _make_timer(device, reps=10)
-    copy_gbps = _copy_bandwidth(device, timer, 2**30 if on_gpu else 2**26)
+    copy_gbps = _copy_bandwidth(device, 2**30 if on_gpu else 2**26)
     print(f"device: {device_name(device)} | torch {torch.__version__} | "
           f"triton {triton.__version__ if HAVE_TRITON else 'not installed'} | copy bandwidth {copy_gbps:.1f} GB/s")
     if not on_gpu:
         print("no CUDA GPU: the Triton rows are skipped; eager and torch.compile are timed on the CPU, "
-              "small sizes, wall-clock median of 10 runs (3 for the loop)")
+              "small sizes, wall-clock median of 10 rounds (3 for the loop)")
     step_shapes = GPU_STEP_SHAPES if on_gpu else CPU_STEP_SHAPES
     dtypes = (torch.float32, torch.bfloat16)
     # One compiled function each; after the first new shape torch.compile makes the sizes dynamic.
-    compiled_step = torch.compile(ddim_dc_step_ref_tensor_coeffs)
-    compiled_sums = torch.compile(masked_error_sums_ref)
+    compiled_step, compiled_sums = torch.compile(ddim_dc_step_ref), torch.compile(masked_error_sums_ref)
     header = (f"{'size':>16} {'dtype':>8} {'provider':>14} {'ms':>9} {'[p20, p80]':>19} {'GB/s':>8} "
               f"{'%copy':>7} {'x eager':>8} {'x compile':>9}")
 
     print(f"\nDDIM step + data consistency (pred=eps, eta={eta}, middle step, x0_hat written)\n{header}")
-    step_rows = []
-    for dtype in dtypes:
-        for shape in step_shapes:
-            providers = _step_providers(shape, dtype, device, eta, compiled_step, with_triton)
-            step_rows += _time_providers("x".join(map(str, shape)), dtype, providers, timer, copy_gbps)
-
+    step_rows = [row for dtype in dtypes for shape in step_shapes for row in _time_providers(
+        "x".join(map(str, shape)), dtype, _step_providers(shape, dtype, device, eta, compiled_step, with_triton),
+        device, copy_gbps)]
     print(f"\nMasked error sums (per-image SSE, SAE, hole count)\n{header}")
-    sums_rows = []
-    for dtype in dtypes:
-        for shape in step_shapes:
-            providers = _sums_providers(shape, dtype, device, compiled_sums, with_triton)
-            sums_rows += _time_providers("x".join(map(str, shape)), dtype, providers, timer, copy_gbps)
-
+    sums_rows = [row for dtype in dtypes for shape in step_shapes for row in _time_providers(
+        "x".join(map(str, shape)), dtype, _sums_providers(shape, dtype, device, compiled_sums, with_triton),
+        device, copy_gbps)]
     print(f"\nWhole {steps}-step DDIM inpainting loop, fp32, eta={eta}, a 3x3 conv standing in for the U-Net "
           f"(Triton rows skip the x0_hat write)")
     print(f"{'size':>16} {'provider':>14} {'ms':>9} {'[p20, p80]':>19} {'ms/step':>8} {'step share':>10} "
           f"{'x eager':>8}")
-    loop_timer = _make_timer(device, reps=3)
-    loop_rows = []
-    for shape in GPU_LOOP_SHAPES if on_gpu else CPU_LOOP_SHAPES:
-        loop_rows += _time_loop(shape, device, eta, steps, compiled_step, with_triton, loop_timer)
+    loop_rows = [row for shape in (GPU_LOOP_SHAPES if on_gpu else CPU_LOOP_SHAPES)
+                 for row in _time_loop(shape, device, eta, steps, compiled_step, with_triton)]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
@@ -849,146 +825,19 @@ def bench(eta: float, steps: int, out: Path) -> None:
 
 
 # -----------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for NVIDIA GPUs: python kernels.py ptx
-#
-# No GPU is needed to see what a GPU would run: triton.compile turns a kernel and a signature into
-# PTX for a named target, and the ptxas that the triton wheel ships assembles it and reports
-# registers, stack and spills. This compiles every variant the launchers can ask for (each constexpr
-# combination of the step; both reduction stages, the one-block second stage included; the noise
-# kernel), for sm_80 (A100) and sm_90 (H100), and reports per variant: PTX instructions, integer
-# divisions and remainders among them, registers, spill bytes, and whether the divisions are the
-# correctly rounded div.rn.f32 and the clip NaN-propagating min/max.NaN. tests/test_kernels_compile.py
-# asserts on this report; it must run without TRITON_INTERPRET (the interpreter replaces the kernels).
-# -----------------------------------------------------------------------------------------------
-GPU_TARGETS = (80, 90)
-
-
-def _signature(fn, constexprs: dict, pointer: str = "fp32", **types) -> dict:
-    """fn's arguments in order, typed: constexprs, then `types` by name, then pointers (*_ptr) as
-    `pointer` and everything else i32 (sizes, strides, the draw number)."""
-    import inspect
-
-    names = inspect.signature(getattr(fn, "fn", fn)).parameters  # JITFunction or the interpreter's wrapper
-    return {n: "constexpr" if n in constexprs else types.get(n) or (f"*{pointer}" if n.endswith("_ptr") else "i32")
-            for n in names}
-
-
-def gpu_variants():
-    """(kernel name, variant label, @triton.jit function, signature, constexprs) for every launch kind."""
-    scalars = dict.fromkeys(("sqrt_ab", "sqrt_1m_ab", "sqrt_ab_prev", "sqrt_1m_ab_prev", "dir_coef", "sigma"), "fp32")
-    flags = ("HAS_NOISE", "HAS_KNOWN_NOISE", "RNG", "WRITE_X0")
-    storage = [("fp32", "fp32")] + [(dt, "fp32") for dt in ("bf16", "fp16")] + [("fp32", "i1")]  # (images, mask)
-    for dt, mask_dt in storage:
-        for pred in PREDS:
-            for bits in range(16):
-                on = {f: bool(bits >> j & 1) for j, f in enumerate(flags)}
-                if (dt, mask_dt) != ("fp32", "fp32") and not all(on.values()) and on != dict.fromkeys(flags, False):
-                    continue  # other storage types: the all-off and all-on variants are enough
-                constexprs = dict(PRED=pred, **on, BLOCK=STEP_BLOCK)
-                signature = _signature(_ddim_dc_step_kernel, constexprs, dt, known_mask_ptr=f"*{mask_dt}",
-                                       keys_ptr="*i64", **scalars)
-                label = f"{pred} {' '.join(f for f in flags if on[f]) or '-'} ({dt}, mask {mask_dt})"
-                yield "ddim_dc_step", label, _ddim_dc_step_kernel, signature, constexprs
-    for dt in ("fp32", "bf16"):
-        constexprs = dict(BLOCK=REDUCE_BLOCK)
-        signature = _signature(_masked_error_partials_kernel, constexprs, dt, known_mask_ptr="*fp32",
-                               sse_part_ptr="*fp32", sae_part_ptr="*fp32", count_part_ptr="*i32")
-        yield "masked_error_partials", f"stage 1 ({dt})", _masked_error_partials_kernel, signature, constexprs
-    for block in (1, 1024):  # one partial per image (a 32x32 MNIST image), and the widest second stage
-        constexprs = dict(BLOCK=block)
-        signature = _signature(_sum_partials_kernel, constexprs, count_part_ptr="*i32")
-        yield "sum_partials", f"stage 2, BLOCK={block}", _sum_partials_kernel, signature, constexprs
-    constexprs = dict(BLOCK=STEP_BLOCK)
-    signature = _signature(_keyed_randn_kernel, constexprs, keys_ptr="*i64")
-    yield "keyed_randn", "noise tensor", _keyed_randn_kernel, signature, constexprs
-
-
-def _ptx_instructions(ptx: str) -> list[str]:
-    """The opcodes of the PTX instructions (predicated ones included), in order."""
-    ops = []
-    for line in ptx.splitlines():
-        line = line.strip()
-        if not line or line.startswith((".", "//", "{", "}", "$", "(", ")")) or line.endswith(":"):
-            continue
-        words = line.split()
-        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
-        ops.append(op.rstrip(";"))
-    return ops
-
-
-def compile_for_gpu(fn, signature: dict, constexprs: dict, capability: int) -> dict:
-    """Compile one kernel variant for sm_<capability> on this machine; what its PTX and ptxas show."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if interpreting():
-        raise RuntimeError("ahead-of-time compilation needs the real kernels: unset TRITON_INTERPRET")
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", capability, 32))
-    ptx = compiled.asm["ptx"]
-    ops = _ptx_instructions(ptx)
-    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "k.ptx").write_text(ptx)
-        report = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", "-o", str(Path(tmp) / "k.cubin"),
-                                 str(Path(tmp) / "k.ptx")], capture_output=True, text=True, check=True).stderr
-    number = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
-    return dict(
-        arch=arch, ptx_instructions=len(ops),
-        int_div_rem=sum(bool(re.match(r"(div|rem)\.[su](16|32|64)$", op)) for op in ops),
-        div_rn_f32=ops.count("div.rn.f32"), div_approx=sum(op.startswith(("div.approx", "div.full")) for op in ops),
-        nan_min_max=sum(op.startswith(("min.NaN.", "max.NaN.")) for op in ops),
-        local_bytes=sum(int(n) for n in re.findall(r"^\s*\.local\s.*\[(\d+)\];", ptx, re.M)),
-        registers=number(r"Used (\d+) registers"), stack_bytes=number(r"(\d+) bytes stack frame"),
-        spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
-    )
-
-
-def ptx_report(targets=GPU_TARGETS, out: Path | None = None) -> list[dict]:
-    """Compile every variant for every target; print one line each, optionally write JSON."""
-    rows = []
-    print(f"{'kernel':<22} {'variant':<44} {'arch':>6} {'PTX ins':>7} {'int div':>7} {'regs':>4} {'spill':>5} "
-          f"{'div.rn':>6} {'NaN mm':>6}")
-    for capability in targets:
-        for name, label, fn, signature, constexprs in gpu_variants():
-            r = dict(kernel=name, variant=label, **compile_for_gpu(fn, signature, constexprs, capability))
-            rows.append(r)
-            print(f"{name:<22} {label:<44} {r['arch']:>6} {r['ptx_instructions']:7d} {r['int_div_rem']:7d} "
-                  f"{r['registers']:4d} {r['spill_stores'] + r['spill_loads']:5d} {r['div_rn_f32']:6d} "
-                  f"{r['nan_min_max']:6d}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(triton=triton.__version__, variants=rows), indent=1) + "\n")
-        print(f"wrote {out}")
-    return rows
-
-
-# -----------------------------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Fused DDIM-step and masked-metric kernels (see the docstring).")
+    parser = argparse.ArgumentParser(description="Benchmark the fused DDIM-step and masked-metric kernels "
+                                     "against their references (see the docstring).")
     commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("bench", help="time eager / torch.compile / Triton, write results/kernel_bench.json")
+    b = commands.add_parser("bench", help="time eager / torch.compile / Triton, write --out (JSON)")
     b.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM eta of the timed steps (1: every noise input in play; the sampler's default is 0)")
+                   help="DDIM eta of the timed steps (1, the sampler's default: every noise input in play)")
     b.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole-loop table")
-    b.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernel_bench.json",
-                   help="where to write the results")
-    p = commands.add_parser("ptx", help="compile every kernel variant for sm_80 and sm_90 on this machine (no GPU "
-                            "needed): PTX instructions, integer divisions, registers, spills")
-    p.add_argument("--targets", default=",".join(map(str, GPU_TARGETS)), help="compute capabilities, e.g. 80,90")
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    b.add_argument("--out", type=Path, default=Path("outputs/kernel_bench.json"), help="where to write the results")
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        bench(args.eta, args.steps, args.out)
-    else:
-        ptx_report(tuple(int(t) for t in args.targets.split(",")), args.json)
+    bench(args.eta, args.steps, args.out)
 
 
 if __name__ == "__main__":

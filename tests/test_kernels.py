@@ -174,11 +174,11 @@ def test_transposed_mask_view_reads_like_the_plain_mask():
                        K.masked_error_sums(x_t, y, known_mask, backend="triton")[0])
 
 
-def test_tensor_coefficient_reference_matches_reference():  # the variant the benchmark compiles
+def test_the_reference_takes_tensor_coefficients_as_the_benchmark_compiles_it():
+    # torch.compile serves every step with one graph when the coefficients are 0-d tensors, not floats.
     c = K.ddim_step_coeffs(*STEPS["middle"], eta=0.5)
     x_t, model_out, y, known_mask, noise, known_noise = make_step_inputs((2, 3, 9, 11), torch.float32, 1)
-    got = K.ddim_dc_step_ref_tensor_coeffs(x_t, model_out, y, known_mask, K.tensor_coeffs(c, DEVICE), "v",
-                                           noise, known_noise)
+    got = K.ddim_dc_step_ref(x_t, model_out, y, known_mask, K.tensor_coeffs(c, DEVICE), "v", noise, known_noise)
     expected = K.ddim_dc_step_ref(x_t, model_out, y, known_mask, c, "v", noise, known_noise)
     for a, b in zip(got, expected):  # on CUDA, scalar and 0-d-tensor operands take kernels that may fuse differently
         torch.testing.assert_close(a, b, atol=FP32_TOL, rtol=FP32_TOL)
@@ -396,6 +396,14 @@ def test_unknown_backend_raises():
 # -----------------------------------------------------------------------------------------------
 # The benchmark's plumbing (the timings themselves are for `make bench`, not for tests)
 # -----------------------------------------------------------------------------------------------
+def test_side_by_side_timing_calls_every_step_once_per_round():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timed = K.time_side_by_side(steps, torch.device("cpu"), reps=3)
+    assert calls == list("aabbcc") + list("abc") * 3  # two warm-up calls each, then round-robin
+    assert set(timed) == set("abc") and all(p20 <= ms <= p80 for ms, p20, p80 in timed.values())
+
+
 def test_kernel_bench_writes_every_row_at_a_tiny_size(tmp_path, monkeypatch):
     tiny = [(2, 1, 9, 11)]
     for name in ("GPU_STEP_SHAPES", "CPU_STEP_SHAPES", "GPU_LOOP_SHAPES", "CPU_LOOP_SHAPES"):

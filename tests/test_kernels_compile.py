@@ -1,18 +1,134 @@
 """kernels.py compiled ahead of time for NVIDIA sm_80 and sm_90 on this CPU-only machine.
 
-The interpreter runs the kernels' Python, not what a GPU runs; this compiles every variant the
-launchers can request (`python kernels.py ptx`, in a subprocess without TRITON_INTERPRET) and asserts
-what the PTX and the ptxas report show.
+No GPU is needed to see what a GPU would run: triton.compile turns a kernel and a signature into PTX
+for a named target, and the ptxas that the triton wheel ships assembles it and reports registers,
+stack and spills. This compiles every variant the launchers can ask for (each constexpr combination
+of the step; both reduction stages, the one-block second stage included; the noise kernel), for
+sm_80 (A100) and sm_90 (H100), and reports per variant: PTX instructions, integer divisions and
+remainders among them, registers, spill bytes, and whether the divisions are the correctly rounded
+div.rn.f32 and the clip NaN-propagating min/max.NaN. The tests assert on that report. It must be
+made without TRITON_INTERPRET (the interpreter replaces the kernels), so the tests run this file as a
+script in a subprocess:
+
+    python tests/test_kernels_compile.py [--json report.json] [--targets 80,90]
 """
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import kernels  # noqa: E402 - after the path; conftest.py has set TRITON_INTERPRET only under pytest
+
+GPU_TARGETS = (80, 90)
+
+
+def _signature(fn, constexprs: dict, pointer: str = "fp32", **types) -> dict:
+    """fn's arguments in order, typed: constexprs, then `types` by name, then pointers (*_ptr) as
+    `pointer` and everything else i32 (sizes, strides, the draw number)."""
+    import inspect
+
+    names = inspect.signature(getattr(fn, "fn", fn)).parameters  # JITFunction or the interpreter's wrapper
+    return {n: "constexpr" if n in constexprs else types.get(n) or (f"*{pointer}" if n.endswith("_ptr") else "i32")
+            for n in names}
+
+
+def gpu_variants():
+    """(kernel name, variant label, @triton.jit function, signature, constexprs) for every launch kind."""
+    scalars = dict.fromkeys(("sqrt_ab", "sqrt_1m_ab", "sqrt_ab_prev", "sqrt_1m_ab_prev", "dir_coef", "sigma"), "fp32")
+    flags = ("HAS_NOISE", "HAS_KNOWN_NOISE", "RNG", "WRITE_X0")
+    storage = [("fp32", "fp32")] + [(dt, "fp32") for dt in ("bf16", "fp16")] + [("fp32", "i1")]  # (images, mask)
+    for dt, mask_dt in storage:
+        for pred in kernels.PREDS:
+            for bits in range(16):
+                on = {f: bool(bits >> j & 1) for j, f in enumerate(flags)}
+                if (dt, mask_dt) != ("fp32", "fp32") and not all(on.values()) and on != dict.fromkeys(flags, False):
+                    continue  # other storage types: the all-off and all-on variants are enough
+                constexprs = dict(PRED=pred, **on, BLOCK=kernels.STEP_BLOCK)
+                signature = _signature(kernels._ddim_dc_step_kernel, constexprs, dt, known_mask_ptr=f"*{mask_dt}",
+                                       keys_ptr="*i64", **scalars)
+                label = f"{pred} {' '.join(f for f in flags if on[f]) or '-'} ({dt}, mask {mask_dt})"
+                yield "ddim_dc_step", label, kernels._ddim_dc_step_kernel, signature, constexprs
+    for dt in ("fp32", "bf16"):
+        constexprs = dict(BLOCK=kernels.REDUCE_BLOCK)
+        signature = _signature(kernels._masked_error_partials_kernel, constexprs, dt, known_mask_ptr="*fp32",
+                               sse_part_ptr="*fp32", sae_part_ptr="*fp32", count_part_ptr="*i32")
+        yield "masked_error_partials", f"stage 1 ({dt})", kernels._masked_error_partials_kernel, signature, constexprs
+    for block in (1, 1024):  # one partial per image (a 32x32 MNIST image), and the widest second stage
+        constexprs = dict(BLOCK=block)
+        signature = _signature(kernels._sum_partials_kernel, constexprs, count_part_ptr="*i32")
+        yield "sum_partials", f"stage 2, BLOCK={block}", kernels._sum_partials_kernel, signature, constexprs
+    constexprs = dict(BLOCK=kernels.STEP_BLOCK)
+    signature = _signature(kernels._keyed_randn_kernel, constexprs, keys_ptr="*i64")
+    yield "keyed_randn", "noise tensor", kernels._keyed_randn_kernel, signature, constexprs
+
+
+def _ptx_instructions(ptx: str) -> list[str]:
+    """The opcodes of the PTX instructions (predicated ones included), in order."""
+    ops = []
+    for line in ptx.splitlines():
+        line = line.strip()
+        if not line or line.startswith((".", "//", "{", "}", "$", "(", ")")) or line.endswith(":"):
+            continue
+        words = line.split()
+        op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+        ops.append(op.rstrip(";"))
+    return ops
+
+
+def compile_for_gpu(fn, signature: dict, constexprs: dict, capability: int) -> dict:
+    """Compile one kernel variant for sm_<capability> on this machine; what its PTX and ptxas show."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if kernels.interpreting():
+        raise RuntimeError("ahead-of-time compilation needs the real kernels: unset TRITON_INTERPRET")
+    compiled = kernels.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", capability, 32))
+    ptx = compiled.asm["ptx"]
+    ops = _ptx_instructions(ptx)
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", "-o", str(Path(tmp) / "k.cubin"),
+                                 str(Path(tmp) / "k.ptx")], capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
+    return dict(
+        arch=arch, ptx_instructions=len(ops),
+        int_div_rem=sum(bool(re.match(r"(div|rem)\.[su](16|32|64)$", op)) for op in ops),
+        div_rn_f32=ops.count("div.rn.f32"), div_approx=sum(op.startswith(("div.approx", "div.full")) for op in ops),
+        nan_min_max=sum(op.startswith(("min.NaN.", "max.NaN.")) for op in ops),
+        local_bytes=sum(int(n) for n in re.findall(r"^\s*\.local\s.*\[(\d+)\];", ptx, re.M)),
+        registers=number(r"Used (\d+) registers"), stack_bytes=number(r"(\d+) bytes stack frame"),
+        spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
+    )
+
+
+def ptx_report(targets=GPU_TARGETS, out: Path | None = None) -> list[dict]:
+    """Compile every variant for every target; print one line each, optionally write JSON."""
+    rows = []
+    print(f"{'kernel':<22} {'variant':<44} {'arch':>6} {'PTX ins':>7} {'int div':>7} {'regs':>4} {'spill':>5} "
+          f"{'div.rn':>6} {'NaN mm':>6}")
+    for capability in targets:
+        for name, label, fn, signature, constexprs in gpu_variants():
+            r = dict(kernel=name, variant=label, **compile_for_gpu(fn, signature, constexprs, capability))
+            rows.append(r)
+            print(f"{name:<22} {label:<44} {r['arch']:>6} {r['ptx_instructions']:7d} {r['int_div_rem']:7d} "
+                  f"{r['registers']:4d} {r['spill_stores'] + r['spill_loads']:5d} {r['div_rn_f32']:6d} "
+                  f"{r['nan_min_max']:6d}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(triton=kernels.triton.__version__, variants=rows), indent=1) + "\n")
+        print(f"wrote {out}")
+    return rows
 
 
 def _missing_aot_api() -> str | None:
@@ -31,16 +147,14 @@ def report(tmp_path_factory):
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("ptx") / "ptx.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "kernels.py"), "ptx", "--json", str(out)], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, __file__, "--json", str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"kernels.py ptx failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert run.returncode == 0, f"the PTX report failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return json.loads(out.read_text())["variants"]
 
 
 def test_every_launch_variant_compiles_for_sm80_and_sm90(report):
-    import kernels
-
-    expected = {(name, label) for name, label, *_ in kernels.gpu_variants()}
+    expected = {(name, label) for name, label, *_ in gpu_variants()}
     for arch in ("sm_80", "sm_90a"):
         got = {(r["kernel"], r["variant"]) for r in report if r["arch"] == arch}
         assert got == expected, f"{arch}: missing {sorted(expected - got)[:5]}"
@@ -75,3 +189,11 @@ def test_no_per_pixel_integer_division(report):
     # thread that divided per pixel would show dozens of div/rem instructions.
     worst = max(report, key=lambda r: r["int_div_rem"])
     assert worst["int_div_rem"] <= 2, f"{worst['kernel']} {worst['variant']}: {worst['int_div_rem']} div/rem"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="compile every kernel variant for NVIDIA targets, no GPU needed")
+    parser.add_argument("--targets", default=",".join(map(str, GPU_TARGETS)), help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+    ptx_report(tuple(int(t) for t in args.targets.split(",")), args.json)

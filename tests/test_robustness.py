@@ -3,6 +3,7 @@ runs, untrusted checkpoints, your own digits, and determinism."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,6 @@ def trained(tmp_path_factory):
     (["--train-mask-centre", "1.5"], "--train-mask-centre"),
     (["--train-box-sides", "4,30"], "--train-box-sides"),
     (["--train-box-sides", "20-12"], "--train-box-sides"),
-    (["--augment-shift", "5"], "--augment-shift"),
     (["--mask", "examples/mask_offcentre.png", "--mask-set", "box"], "--mask-set"),
     (["--dc-repeats", "0"], "--dc-repeats"),
     (["--num-samples", "0"], "--num-samples"),
@@ -100,7 +100,7 @@ def test_sample_writes_elsewhere_with_one_flag(tmp_path):
     assert (tmp_path / "pics" / "samples.png").is_file() and not (tmp_path / "pics" / "last.pt").exists()
     assert "checkpoint outputs/inpaint/last.pt" in proc.stdout
     help_text = " ".join(cli("--help").stdout.split())
-    assert "default: <out-dir>/last.pt, or outputs/inpaint/last.pt" in help_text, "--help must say where"
+    assert "by default <out-dir>/last.pt, or outputs/inpaint/last.pt" in help_text, "--help must say where"
 
 
 def test_eval_checks_the_results_folder_before_the_work(trained, tmp_path):
@@ -200,7 +200,7 @@ def test_full_mnist_through_torchvision_from_local_files(data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "on mnist (48 digits)" in proc.stdout, proc.stdout
     assert "unavailable" not in proc.stdout
-    loaded = di.load_full_mnist(str(tmp_path / "data"))  # the same files, in-process: images and labels as written
+    loaded = di.load_data(di.Options(data="mnist", data_dir=str(tmp_path / "data")))  # in-process: as written
     assert loaded.train.shape == (48, 1, 32, 32) and loaded.test.shape == (24, 1, 32, 32)
     assert torch.equal(loaded.train_labels, labels["train"]) and torch.equal(loaded.test_labels, labels["t10k"])
 
@@ -270,7 +270,8 @@ def test_bf16_sampling_stays_close_to_fp32_sampling(trained):
     # bf16 autocast rounds the U-Net's activations to 8 bits of mantissa. For this tiny model, through 10
     # deterministic steps, that moved the fills by 3e-5 on average (max 1e-3) and the hole PSNR by 1e-4 dB
     # here; the bounds leave 10x room for other CPUs' bf16 kernels. Broken casts would move them by 0.1+.
-    cfg, model, *_ = di.load_for_inference(di.Config(ckpt=str(trained / "last.pt"), ddim_steps=10), set())
+    run = di.prepare_inference(di.Options(ckpt=str(trained / "last.pt"), ddim_steps=10, data="mnist5k"), set(), n=1)
+    cfg, model = run.cfg, run.model
     x0, mask = di.load_mnist5k().test[:32], di.centre_mask(16)
     sched = di.Schedule(cfg.schedule, cfg.timesteps, torch.device("cpu"))
     fills = {amp: di.inpaint_digits(model, sched, x0, list(range(32)), mask, replace(cfg, amp=amp),
@@ -294,6 +295,103 @@ def test_mask_without_hole_is_refused(trained, tmp_path):
     np.save(tmp_path / "mask.npy", np.ones((32, 32), np.float32))
     proc = cli("sample", "--out-dir", trained, "--mask", tmp_path / "mask.npy", *FAST_SAMPLING)
     assert_one_line_error(proc, 1, "no hole pixels")
+
+
+# --- masks say what they are; holes the model never trained on are named -------------------------
+def save_mask(tmp_path, a, name="mask.npy"):
+    path = tmp_path / name
+    Image.fromarray(a).save(path) if name.endswith(".png") else np.save(path, a)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype,known", [(bool, True), (np.uint8, 1), (np.uint8, 255), (np.int64, 1),
+                                         (np.float32, 1.0), (np.float64, 255.0)])
+def test_masks_of_booleans_0_1_or_0_255_in_any_exact_dtype_are_read_as_they_are(tmp_path, dtype, known):
+    a = np.zeros((32, 32), dtype)
+    a[:, :20] = known
+    m = di.load_mask(save_mask(tmp_path, a))
+    assert m.shape == (1, 1, 32, 32) and torch.equal(m[0, 0], torch.from_numpy(a != 0).float())
+
+
+@pytest.mark.parametrize("value,shown", [(7, "holds 0, 7"), (0.5, "holds 0, 0.5"), (np.nan, "holds 0, nan")])
+def test_a_mask_of_other_values_is_refused_with_the_values_found_and_the_threshold_fix(tmp_path, value, shown):
+    a = np.zeros((32, 32), np.float32 if isinstance(value, float) else np.uint8)
+    a[:, :20] = value
+    with pytest.raises(di.UserError, match=f"{shown}: a mask is 0/1, 0/255 or booleans.*--mask-threshold 0.5"):
+        di.load_mask(save_mask(tmp_path, a))
+
+
+def test_a_greyscale_mask_is_read_only_through_its_threshold(tmp_path):
+    grey = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # 0 .. 248 across
+    path = save_mask(tmp_path, grey, "grey.png")
+    assert torch.equal(di.load_mask(path, 0.5)[0, 0], torch.from_numpy(grey >= 127.5).float())
+    as_float = save_mask(tmp_path, grey / 255.0, "grey.npy")
+    assert torch.equal(di.load_mask(as_float, 0.5)[0, 0], torch.from_numpy(grey / 255.0 >= 0.5).float())
+    with pytest.raises(di.UserError, match="NaN or inf"):
+        di.load_mask(save_mask(tmp_path, np.full((32, 32), np.nan, np.float32), "nan.npy"), 0.5)
+
+
+@pytest.mark.parametrize("a,words", [(np.zeros((32, 32), np.uint8), "no known pixel"),
+                                     (np.ones((32, 32), np.uint8), "no hole pixels"),
+                                     (np.ones((32, 32), np.complex64), "dtype complex64 is not supported"),
+                                     (np.ones((2, 32, 32), np.uint8), "expected one (H, W) mask")])
+def test_a_mask_with_nothing_to_inpaint_from_or_of_no_mask_shape_is_refused(tmp_path, a, words):
+    with pytest.raises(di.UserError, match=re.escape(words)):
+        di.load_mask(save_mask(tmp_path, a))
+
+
+def test_the_mask_threshold_needs_a_mask_and_lies_in_0_1(trained):
+    assert_one_line_error(cli("sample", "--out-dir", trained, "--mask-threshold", "0.5"), 2, "reads a --mask")
+    assert_one_line_error(cli("sample", "--out-dir", trained, "--mask", "m.png", "--mask-threshold", "2"), 2,
+                          "--mask-threshold 2.0 is out of range")
+
+
+def box(top, left, h, w):
+    m = torch.ones(1, 1, 32, 32)
+    m[..., top:top + h, left:left + w] = 0
+    return m
+
+
+@pytest.mark.parametrize("trained_on,mask,fix", [
+    ({}, di.centre_mask(16), None),
+    ({}, di.centre_mask(12), None),  # inside the trained centre hole
+    ({}, di.centre_mask(20), "--train-mask box (or free)"),
+    ({}, box(2, 2, 10, 10), "--train-mask box (or free)"),
+    ({"train_mask": "box", "train_box_sides": "8-20"}, box(4, 6, 12, 20), None),
+    ({"train_mask": "box", "train_box_sides": "8-20"}, box(4, 6, 12, 22), "--train-mask free"),
+    ({"train_mask": "box", "train_box_sides": "8-20"}, box(0, 6, 12, 12), "--train-mask free"),  # in the margin
+    ({"train_mask": "box", "train_box_sides": "8-12", "train_mask_centre": 0.5}, di.centre_mask(16), None),
+    ({"train_mask": "box", "train_box_sides": "8-12"}, di.centre_mask(16), "--train-mask free"),
+    ({"train_mask": "free"}, box(0, 0, 30, 30), None),
+])
+def test_a_hole_beyond_what_the_checkpoint_trained_on_is_named_with_the_flag_that_trains_for_it(trained_on, mask,
+                                                                                                  fix):
+    warning = di.unseen_holes(mask, di.Options(**trained_on))
+    assert warning == "" if fix is None else warning.startswith("warning: the model was trained on ") and \
+        warning.endswith(f"the hole reaches beyond it, so the fills are guesses: train with {fix}")
+
+
+def test_eval_names_unseen_holes_in_its_table_and_json_and_says_how_many_digits_it_scored(trained, tmp_path):
+    proc = cli("eval", "--out-dir", trained, "--results-dir", tmp_path, *FAST_SAMPLING, "--n-eval", "1000000",
+               "--mask-set", "box", "--batch-size", "500")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("hole-only metrics on"))
+    warning = "warning: the model was trained on the 16x16 centre hole only; "
+    assert lines[header + 1].startswith(warning) and "--train-mask box (or free)" in lines[header + 1]
+    assert "note: --n-eval 1000000 asks for more digits than there are; scoring all 1000" in lines
+    result = json.loads((tmp_path / "inpaint_metrics.json").read_text())
+    assert result["n_eval"] == 1000 and result["warning"].startswith(warning)
+
+
+def test_resume_with_other_model_flags_refuses_and_names_them(trained, tmp_path):
+    import shutil
+
+    shutil.copy(trained / "last.pt", tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    proc = cli("train", *TINY, "--base-ch", "16", "--pred", "eps", "--out-dir", tmp_path, "--resume")
+    assert_one_line_error(proc, 2, "holds another model (--pred v, --base-ch 8)", "train into a new --out-dir")
+    assert (tmp_path / "last.pt").read_bytes() == before
 
 
 # --- faults: interrupts, kills, NaN, two runs at once --------------------------------------------
@@ -338,8 +436,26 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     assert ckpt["step"] in (1, 2) and (ckpt["step"] == 1) == (ckpt["w"].numel() == 3)
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed")])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_on_one_line(tmp_path, monkeypatch, error):
+    path = tmp_path / "last.pt"
+    di.save_checkpoint(path, {"step": 1})
+
+    def full(state, f):
+        f.write(b"half a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(di.UserError, match=r"^could not write .*last.pt \((No space left on device|PytorchStreamWriter "
+                       r"failed)\); the previous last.pt is kept: free some space"):
+        di.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1} and not path.with_name("last.pt.tmp").exists()
+    with pytest.raises(di.UserError, match="nothing was saved"):
+        di.save_checkpoint(tmp_path / "new.pt", {"step": 2})
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
-    proc = cli("train", *TINY, "--steps", "50", "--ckpt-every", "1", "--lr", "1e12", "--warmup", "0",
+    proc = cli("train", *TINY, "--steps", "50", "--ckpt-every", "1", "--lr", "1e6", "--warmup", "0",
                "--grad-clip", "0", "--out-dir", tmp_path)
     assert_one_line_error(proc, 1, "step", "keeps the last good")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)

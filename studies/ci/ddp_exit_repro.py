@@ -5,9 +5,9 @@ process group. The process group stays alive anyway (DDP holds it), so its worke
 `destroy_process_group`; one that frees a collective's tensors while Python finalizes needs the GIL,
 cannot get it, and the process aborts with "terminate called without an active exception".
 
-    python results/ci/ddp_exit_repro.py 30          # 30 runs as the program used to end
-    python results/ci/ddp_exit_repro.py 30 exit     # 30 runs ending with os._exit, as it does now
-    python results/ci/ddp_exit_repro.py 60 train    # 60 runs of the tests' 2-step two-process training
+    python studies/ci/ddp_exit_repro.py 30          # 30 runs as the program used to end
+    python studies/ci/ddp_exit_repro.py 30 exit     # 30 runs ending with os._exit, as it does now
+    python studies/ci/ddp_exit_repro.py 60 train    # 60 runs of the tests' 2-step two-process training
 
 As a worker (under torchrun) it runs one variant: plain, barrier, nodp (DDP freed first), sleep, exit.
 """

@@ -1,7 +1,7 @@
-"""Tables of results/seeds/ (written by run.sh): each seed's margins against the bars of issues 13 and 14, then
+"""Tables of studies/seeds/ (written by run.sh): each seed's margins against the bars of issues 13 and 14, then
 the mean, the standard deviation over seeds, the 95% interval of the mean (Student's t) and the count of seeds that
-meet each line; last, the lines README quotes over seeds 0-9, seeds 0 and 1 being the CPU runs of results/masks/ and
-results/seed1/. Run from the project root: python3 results/seeds/summary.py"""
+meet each line; last, the lines README quotes over seeds 0-9, seeds 0 and 1 being the CPU runs of studies/masks/ and
+studies/seeds/seed1-default/. Run from the project root: python3 studies/seeds/summary.py"""
 import glob
 import json
 import os
@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = os.path.join(HERE, "..", "masks", "evals-b64-1000")
 CPU_SEEDS = {  # (model, seed, mask set) -> the CPU run's eval file
     ("centre", 0, "centre"): os.path.join(CPU, "default-on-centre"),
-    ("centre", 1, "centre"): os.path.join(HERE, "..", "seed1"),
+    ("centre", 1, "centre"): os.path.join(HERE, "seed1-default"),
     **{("box", seed, mask_set): os.path.join(CPU, f"box12-20+centre-hw16-3700{'-seed1' * seed}-on-{mask_set}")
        for seed in (0, 1) for mask_set in ("centre", "offcentre")},
 }
@@ -61,7 +61,7 @@ def main() -> None:
     c = {s: (load("centre", s, "centre"), load("centre", s, "offcentre")) for s in seeds}
     b = {s: (load("box", s, "centre"), load("box", s, "offcentre")) for s in seeds}
     o = {s: load("old", s, "centre") for s in seeds}
-    print(f"# Seeds {', '.join(map(str, seeds))}: the bars' lines per seed (python3 results/seeds/summary.py)")
+    print(f"# Seeds {', '.join(map(str, seeds))}: the bars' lines per seed (python3 studies/seeds/summary.py)")
     bar14 = [
         ("centre box, sample: box − centre model", lambda s: sample(b[s][0])["psnr"] - sample(c[s][0])["psnr"],
          lambda x: x >= -0.5, "+.2f"),

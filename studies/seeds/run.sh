@@ -10,13 +10,13 @@
 # Every eval scores all 1,000 test digits, with the training seed as its sampling seed (as on the CPU).
 # JOBS runs at once. TRAIN_ARGS / EVAL_ARGS are appended (the last flag wins: a quick check passes
 # TRAIN_ARGS="--steps 5" EVAL_ARGS="--n-eval 20"). Results: RESULTS/NAME-sSEED-on-SET/inpaint_metrics.json,
-# logs in RESULTS/logs; `python3 results/seeds/summary.py` turns them into the tables in README.
+# logs in RESULTS/logs; `python3 studies/seeds/summary.py` turns them into the tables in README.
 set -u
 PYTHON=${PYTHON:-python3}
 SEEDS=${SEEDS:-2 3 4 5}
 JOBS=${JOBS:-12}
 WORK=${WORK:-outputs/seeds}
-RESULTS=${RESULTS:-results/seeds}
+RESULTS=${RESULTS:-studies/seeds}
 export PYTHON WORK RESULTS TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 job() {  # job NAME SEED

@@ -1,0 +1,146 @@
+"""The GPU check's own rows: the whole sampler's images/s per way of taking a step, training images/s,
+and the GPU goals as met / not met (results/gpu/goals.json). `make gpu-check` runs it after the tests
+on the device and the kernel benchmark, with the device's own python3.
+
+    python studies/gpu_check.py --results-dir results/gpu     # on a CUDA machine; on a CPU only the reference rows
+
+Images/s of inpaint_digits on n_eval images with ddim_steps DDIM steps, for each way of taking a step:
+the CPU path (the reference step with noise from per-digit CPU generators, copied to the device every
+step), the reference step with the keyed Philox noise drawn on the device, the fused step drawing its
+noise in-kernel, and the fused step with the whole loop replayed as a CUDA graph; at the config's batch
+size and with all images in one batch. The images are random (speed does not depend on what is in
+them) and the U-Net untrained, so this runs without data or a checkpoint. Each variant gets a warm-up
+pass (compilation, graph capture), then the median of `rounds` passes.
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ddim_inpaint as di  # noqa: E402
+import kernels  # noqa: E402
+from throughput import throughput_steps  # noqa: E402
+
+SAMPLER_VARIANTS = {  # name: (backend, noise, cuda_graph)
+    "reference step, CPU-generator noise": ("torch", "cpu", False),
+    "reference step, device noise": ("torch", "philox", False),
+    "fused step, in-kernel noise": ("triton", "philox", False),
+    "fused step + CUDA graph": ("triton", "philox", True),
+}
+
+
+def sampler_bench(cfg: di.Options, explicit: set[str], rounds: int = 3) -> dict:
+    out = di.writable_dir(cfg.results_dir, "--results-dir")
+    device = di.pick_device(cfg.device)
+    gpu = device.type == "cuda" and kernels.HAVE_TRITON
+    variants = {name: (backend, noise, graph) for name, (backend, noise, graph) in SAMPLER_VARIANTS.items()
+                if (gpu or kernels.interpreting() or (backend, noise) == ("torch", "cpu"))
+                and (device.type == "cuda" or not graph)}
+    torch.manual_seed(cfg.seed)
+    model = di.build_model(cfg)
+    for p in model.parameters():  # untrained but with a real output: the zero-initialised last layer would not be
+        nn.init.normal_(p, std=0.05)
+    model = model.to(device).eval()
+    sched = di.Schedule(cfg.schedule, cfg.timesteps, device)
+    n = cfg.n_eval
+    x0 = torch.rand(n, 1, di.IMAGE_SIZE, di.IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    known_mask = di.centre_mask(cfg.hole).to(device)
+    print(f"sampler on {kernels.device_name(device)}: {n} images, {cfg.ddim_steps} DDIM steps, eta {cfg.eta}, "
+          f"amp {cfg.amp}; median of {rounds} passes")
+    rows, outputs = [], {}
+    for batch_size in dict.fromkeys((min(cfg.batch_size, n), n)):
+        for name, (backend, noise, graph) in variants.items():
+            c = replace(cfg, backend=backend, noise=noise, cuda_graph=graph, batch_size=batch_size)
+            run = lambda c=c: di.inpaint_digits(model, sched, x0, list(range(n)), known_mask, c, device,  # noqa: E731
+                                                sampler=di.fast_sampler)
+            outputs[name] = run()  # warm-up: compilation, graph capture
+            seconds = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                run()  # returns CPU tensors: the device has finished
+                seconds.append(time.perf_counter() - t0)
+            rows.append(dict(variant=name, batch_size=batch_size, backend=backend, noise=noise, cuda_graph=graph,
+                             seconds=float(np.median(seconds)), images_per_s=n / float(np.median(seconds))))
+        base = next(r for r in rows if r["batch_size"] == batch_size)["images_per_s"]
+        for r in rows:
+            if r["batch_size"] == batch_size:
+                r["x_today"] = r["images_per_s"] / base
+                print(f"  batch {batch_size:5d}  {r['variant']:<38} {r['images_per_s']:9.0f} images/s  "
+                      f"{r['x_today']:6.2f}x")
+        if "fused step + CUDA graph" in outputs:  # the same noise: the paths must agree to rounding
+            diff = (outputs["fused step + CUDA graph"] - outputs["reference step, device noise"]).abs().max().item()
+            rows[-1]["max_abs_diff_vs_reference_step"] = diff
+            print(f"  batch {batch_size:5d}  fused + graph vs reference step, same noise: max |diff| {diff:.2e}")
+
+    train_step, _ = throughput_steps(cfg, device)["train"]
+    train_s = kernels.time_side_by_side({"train": train_step}, device, reps=10)["train"][0] / 1e3
+    print(f"training: {cfg.batch_size / train_s:.0f} images/s (batch {cfg.batch_size}, amp {cfg.amp})")
+    result = {"device": kernels.device_name(device), "n_images": n, "ddim_steps": cfg.ddim_steps,
+              "rounds": rounds,
+              "sampler": rows, "train_images_per_s": cfg.batch_size / train_s, "versions": di.versions(),
+              "config": asdict(cfg)}
+    (out / "sampler_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'sampler_bench.json'}")
+    goals = gpu_goals(out)
+    if goals:
+        (out / "goals.json").write_text(json.dumps(goals, indent=2) + "\n")
+    return result
+
+
+def gpu_goals(results: Path) -> list[dict]:
+    """The GPU goals, read off kernel_bench.json and sampler_bench.json in `results`, printed."""
+    try:
+        kernel = json.loads((results / "kernel_bench.json").read_text())
+        sampler = json.loads((results / "sampler_bench.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if kernel.get("device_type") != "cuda":
+        return []
+    pixels = lambda size: math.prod(int(v) for v in size.split("x"))  # noqa: E731
+    goals = []
+    for dtype in ("float32", "bfloat16"):
+        big = [r for r in kernel["step"] if r["dtype"] == dtype and pixels(r["size"]) >= 2**24]
+        compiled = {r["size"]: r["ms"] for r in big if r["provider"] == "torch.compile"}
+        for provider, what in (("triton", "noise read from memory"), ("triton+rng", "noise drawn in-kernel")):
+            fused = [r for r in big if r["provider"] == provider]
+            goals.append(dict(goal=f"fused step ({what}) >= 85% of copy bandwidth from 16M pixels ({dtype})",
+                              measured=f"{min(r['pct_copy'] for r in fused):.0f}% (worst size)",
+                              met=all(r["pct_copy"] >= 85 for r in fused)))
+            goals.append(dict(goal=f"fused step ({what}) faster than torch.compile of the reference "
+                                   f"({dtype}, >= 16M pixels)",
+                              measured=f"{min(compiled[r['size']] / r['ms'] for r in fused):.2f}x (worst size)",
+                              met=all(r["ms"] < compiled[r["size"]] for r in fused)))
+        sums = [r for r in kernel["masked_error_sums"] if r["dtype"] == dtype and pixels(r["size"]) >= 2**24
+                and r["provider"] == "triton"]
+        goals.append(dict(goal=f"masked sums >= 80% of copy bandwidth from 16M pixels ({dtype})",
+                          measured=f"{min(r['pct_copy'] for r in sums):.0f}% (worst size)",
+                          met=all(r["pct_copy"] >= 80 for r in sums)))
+    for batch in sorted({r["batch_size"] for r in sampler["sampler"]}):
+        rows = {r["variant"]: r for r in sampler["sampler"] if r["batch_size"] == batch}
+        best = max(rows.values(), key=lambda r: r["images_per_s"])
+        for base in ("reference step, CPU-generator noise", "reference step, device noise"):
+            ratio = best["images_per_s"] / rows[base]["images_per_s"]
+            goals.append(dict(goal=f"sampler >= 3x the {base} (batch {batch})",
+                              measured=f"{ratio:.2f}x ({best['variant']}, {best['images_per_s']:.0f} images/s)",
+                              met=ratio >= 3))
+    print(f"\ngoals on {kernel['device']}:")
+    for g in goals:
+        print(f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['measured']}")
+    return goals
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return di.main(["gpu-check", "--batch-size", "128", "--ddim-steps", "50", "--eta", "0", "--results-dir",
+                    "results/gpu", *argv], {"gpu-check": sampler_bench})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
