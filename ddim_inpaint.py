@@ -492,15 +492,15 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config, on_step=None):
+def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config):
     """Fill the hole of y (B, 1, H, W) by DDIM with data consistency; returns x0 (B, 1, H, W) in [-1, 1].
-    `noise` gives numbered draws; `on_step(t, x_t, x0_hat)`, if given, sees the state after every step."""
+    `noise` gives numbered draws."""
     B, device, ab, R = y.shape[0], y.device, sched.alpha_bar64, cfg.dc_repeats
     ts, known = ddim_timesteps(sched.T, cfg.ddim_steps), known_mask > 0.5
     # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 3 (i R + r) + 0 (z), + 1 (the noise of
     # the pasted y) and + 2 (RePaint's resampling).
     in_kernel = noise.keys is not None and kernels.uses_triton(y, cfg.backend)
-    want_x0 = model.self_cond or on_step is not None  # else nothing reads x0_hat: skip writing it
+    want_x0 = model.self_cond  # else nothing reads x0_hat: skip writing it
 
     # x_T: noise in the hole, the observation noised to level T-1 on the known pixels.
     a, s = math.sqrt(ab[ts[0]]), math.sqrt(1 - ab[ts[0]])
@@ -529,8 +529,6 @@ def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config, on_s
                 ratio = float(ab[t]) / ab_prev
                 x = math.sqrt(ratio) * x_prev + math.sqrt(1 - ratio) * noise.randn(draw + 2)
         x = x_prev
-        if on_step is not None:
-            on_step(t, x, x0_hat)
     return x
 
 

@@ -14,6 +14,7 @@ model is unsure, and it should track where its error is large.
 Writes studies/sweep/: quality_vs_nfe.{png,json}, perception_distortion.png, uncertainty.png, trajectory.png.
 """
 import json
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,11 +24,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddim_inpaint as di  # noqa: E402
+import kernels  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SWEEP_STEPS = (5, 10, 20, 50, 100)  # single samples at these DDIM step counts
 SWEEP_ETAS = (0.0, 1.0)  # ... with each of these eta (and --eta's), deterministic DDIM to DDPM's variance
 SWEEP_K, SWEEP_K_STEPS = (2, 4, 8), 20  # means of K samples (--eta), each of SWEEP_K_STEPS steps
+
+
+class StepRecorder(torch.nn.Module):
+    """The model, keeping each step's input x_t and the x0_hat its output gives (for the trajectory)."""
+
+    def __init__(self, model, sched: di.Schedule, pred: str):
+        super().__init__()
+        self.model, self.sched, self.pred, self.self_cond = model, sched, pred, model.self_cond
+        self.x_t, self.x0_hat = [], []
+
+    def forward(self, x_t, t, known_mask, y, x0_sc=None):
+        out = self.model(x_t, t, known_mask, y, x0_sc)
+        ab = float(self.sched.alpha_bar64[int(t[0])])
+        self.x_t.append(x_t.clamp(-1, 1).cpu())
+        self.x0_hat.append(kernels.predict_x0(x_t, out.float(), math.sqrt(ab), math.sqrt(1 - ab), self.pred).cpu())
+        return out
 
 
 def sweep(cfg: di.Options, explicit: set[str]) -> dict:
@@ -110,14 +128,14 @@ def sweep(cfg: di.Options, explicit: set[str]) -> dict:
     di.save_grid([sel(x0), masks * sel(x0), *[sel(k_samples[k]) for k in range(4)], sel(mean),
                scale(sel(std)), scale(sel(err))], out / "uncertainty.png")
 
-    # Trajectory: x_t (the hole being denoised, the context pasted at the same level) and x0_hat per step.
-    frames_xt, frames_x0 = [], []
+    # Trajectory: x_t after each step (the hole being denoised, the context pasted at the same level: the
+    # next step's input, then the result) and each step's x0_hat.
     traj = x0[:4].to(device)
     c = replace(cfg, ddim_steps=10, dc_repeats=1)
     noise = di.make_noise(cfg, [(i, 0) for i in range(len(traj))], traj.shape[1:], device)
-    traj_mask = mask_dev[:len(traj)]
-    di.ddim_inpaint(model, sched, traj_mask * traj, traj_mask, noise, c,
-                 on_step=lambda t, x, x0_hat: (frames_xt.append(x.clamp(-1, 1).cpu()), frames_x0.append(x0_hat.cpu())))
+    traj_mask, recorder = mask_dev[:len(traj)], StepRecorder(model, sched, cfg.pred)
+    final = di.ddim_inpaint(recorder, sched, traj_mask * traj, traj_mask, noise, c)
+    frames_xt, frames_x0 = [*recorder.x_t[1:], final.clamp(-1, 1).cpu()], recorder.x0_hat
     rows = []
     for i in range(len(traj)):
         rows += [torch.stack([f[i] for f in frames_xt]), torch.stack([f[i] for f in frames_x0])]
