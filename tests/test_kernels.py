@@ -11,6 +11,7 @@ fp32 -> bf16 casts where a GPU rounds to nearest. Both add the fp32 allowance (1
 Shapes are tiny and odd on purpose: ragged last blocks, H*W not a multiple of anything.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -161,6 +162,8 @@ def test_missing_noise_and_bad_arguments_raise():
         K.masked_error_sums_triton(x_t, y, known_mask.to("meta"))
     with pytest.raises(ValueError, match="keys must be"):
         K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", keys=torch.arange(2, device=DEVICE))
+    with pytest.raises(ValueError, match="even draw"):  # z and the known-pixel noise are one Philox pair
+        K.ddim_dc_step_triton(x_t, model_out, y, known_mask, c, "eps", keys=torch.arange(1, device=DEVICE), draw=3)
 
 
 def test_transposed_mask_view_reads_like_the_plain_mask():
@@ -206,7 +209,8 @@ def step_draws(image_keys, draw=0, stream="noise", shape=DRAW_SHAPE):
 
 
 def test_in_kernel_draws_are_keyed_randn_draws_draw_and_draw_plus_1():
-    # One formula: the step's z is keyed_randn(keys, draw), its known-pixel noise keyed_randn(keys, draw + 1).
+    # One formula: the step's z is keyed_randn(keys, draw), its known-pixel noise keyed_randn(keys, draw + 1),
+    # the two draws of one Philox pair.
     for shape in (DRAW_SHAPE, (3, 2, 9, 11)):  # C > 1: the counter runs over the whole image
         k = keys(*range(10, 10 + shape[0]))
         for stream, offset in (("noise", 0), ("known_noise", 1)):
@@ -237,7 +241,9 @@ def test_rng_draws_are_standard_normal(stream):
     n = z.numel()  # 4096: the mean's standard error is 1/64, the std's about 1/90
     assert abs(z.mean()) < 4 / n**0.5, f"{stream}: mean {z.mean():.4f}"
     assert abs(z.std() - 1) < 0.05, f"{stream}: std {z.std():.4f}"
-    assert z.unique().numel() == n, f"{stream}: repeated draws"
+    # fp32 holds a normal draw to about 1e-7, so 4096 honest draws repeat a value about 0.2 times on
+    # average (10 repeats in 60 x 4096 draws here); a counter that fails to advance repeats thousands.
+    assert n - z.unique().numel() <= 3, f"{stream}: {n - z.unique().numel()} repeated draws"
 
 
 def test_keyed_draws_are_uncorrelated_across_streams_and_neighbouring_keys():
@@ -286,17 +292,31 @@ def test_fused_sums_match_reference(dtype, shape, mask_batch):
         assert_close(a, b, atol=0, rtol=0 if name == "count" else 1e-5, case=f"{case} {name}")
 
 
+@pytest.mark.parametrize("mask_batch", [1, None], ids=["mask_1x1HW", "mask_Bx1HW"])
+def test_fused_sums_of_chunked_planes_match_reference(mask_batch):
+    # 300 x 301 = 89 blocks per plane: chunks of 16 blocks, the last chunk and its last block ragged; C = 2.
+    shape = (2, 2, 300, 301)
+    assert K.REDUCE_CHUNKED_FROM <= math.ceil(300 * 301 / K.REDUCE_BLOCK), "this plane must be chunked"
+    g = torch.Generator().manual_seed(3)
+    pred, target = (torch.rand(shape, generator=g).to(DEVICE) for _ in range(2))
+    known_mask = (torch.rand(mask_batch or shape[0], 1, *shape[2:], generator=g) < 0.5).float().to(DEVICE)
+    got = K.masked_error_sums(pred, target, known_mask, backend="triton")
+    for name, a, b in zip(("sse", "sae", "count"), got, K.masked_error_sums_ref(pred, target, known_mask)):
+        assert_close(a, b, atol=0, rtol=0 if name == "count" else 1e-5, case=f"{shape} mask {mask_batch} {name}")
+
+
 def test_fused_sums_add_in_their_fixed_order():
-    # 1025 blocks of 1024 pixels: stage 2's lane 0 adds partial 0 and partial 1024, lane 1 partial 1.
-    # Squared errors 2^24 (block 0), 1 (block 1) and 1 (block 1024) sum to 2^24 + 2 exactly, but in the
-    # kernel's order lane 0 rounds 2^24 + 1 to 2^24 (ties to even), lane 1 holds 1, and 2^24 + 1 rounds
-    # to 2^24 again. Every other order that adds the two ones first gives 2^24 + 2.
+    # 1025 blocks of 1024 pixels, in chunks of REDUCE_ITERS = 16 blocks: 65 partials. Squared errors
+    # 2^24 (block 0, pixel 0), 1 (block 1, pixel 0) and 1 (block 1024, pixel 0) sum to 2^24 + 2 exactly.
+    # In the kernel's order lane 0 of chunk 0 adds block 0's pixel and then block 1's: 2^24 + 1 rounds
+    # to 2^24 (ties to even); chunk 64 holds the other 1, and stage 2's 2^24 + 1 rounds to 2^24 again.
+    # Every order that adds the two ones first gives 2^24 + 2.
+    assert (K.REDUCE_ITERS, K.REDUCE_CHUNKED_FROM) == (16, 64), "the layout this test works by hand"
     pred = torch.zeros(1, 1, 1025, 1024)
     pred[0, 0, 0, 0], pred[0, 0, 1, 0], pred[0, 0, 1024, 0] = 4096.0, 1.0, 1.0  # blocks 0, 1 and 1024
     hole = torch.zeros(1, 1, 1025, 1024)
-    lanes = torch.tensor([2.0**24, 1.0])
-    lanes[0] += 1.0  # lane 0 then adds partial 1024, in fp32
-    expected = lanes.sum()  # two lanes: any tree gives the same
+    chunk_0 = torch.tensor(2.0**24) + 1.0  # fp32: lane 0 of chunk 0
+    expected = torch.stack([chunk_0, torch.tensor(1.0)]).sum()  # stage 2: partials 0 and 64, the rest 0
     sse, sae, count = K.masked_error_sums(pred.to(DEVICE), torch.zeros_like(pred).to(DEVICE), hole.to(DEVICE),
                                           backend="triton")
     assert sse.item() == expected.item() == 2.0**24, f"sse {sse.item():.1f}: not the kernel's fixed order"

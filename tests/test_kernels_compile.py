@@ -51,23 +51,40 @@ def gpu_variants():
                 on = {f: bool(bits >> j & 1) for j, f in enumerate(flags)}
                 if (dt, mask_dt) != ("fp32", "fp32") and not all(on.values()) and on != dict.fromkeys(flags, False):
                     continue  # other storage types: the all-off and all-on variants are enough
-                constexprs = dict(PRED=pred, **on, BLOCK=kernels.STEP_BLOCK)
+                constexprs = dict(PRED=pred, **on, FAST=True, BLOCK=kernels.STEP_BLOCK)  # FAST: as on a GPU
                 signature = _signature(kernels._ddim_dc_step_kernel, constexprs, dt, known_mask_ptr=f"*{mask_dt}",
                                        keys_ptr="*i64", **scalars)
                 label = f"{pred} {' '.join(f for f in flags if on[f]) or '-'} ({dt}, mask {mask_dt})"
                 yield "ddim_dc_step", label, kernels._ddim_dc_step_kernel, signature, constexprs
     for dt in ("fp32", "bf16"):
-        constexprs = dict(BLOCK=kernels.REDUCE_BLOCK)
+        for iters, count in ((1, "fp32"), (1, "i32"), (kernels.REDUCE_ITERS, "i32")):  # one partial: final sums
+            constexprs = dict(ITERS=iters, BLOCK=kernels.REDUCE_BLOCK)
+            signature = _signature(kernels._masked_error_partials_kernel, constexprs, dt, known_mask_ptr="*fp32",
+                                   sse_part_ptr="*fp32", sae_part_ptr="*fp32", count_part_ptr=f"*{count}")
+            label = f"stage 1, ITERS={iters}, counts {count} ({dt})"
+            yield "masked_error_partials", label, kernels._masked_error_partials_kernel, signature, constexprs
+    # What an aligned launch compiles to: the JIT marks 16-byte aligned pointers and sizes that are
+    # multiples of 16 (an MNIST plane has 1024 pixels), so that contiguous loads can be 16 bytes wide.
+    for dt in ("fp32", "bf16"):
+        constexprs = dict(ITERS=kernels.REDUCE_ITERS, BLOCK=kernels.REDUCE_BLOCK)
         signature = _signature(kernels._masked_error_partials_kernel, constexprs, dt, known_mask_ptr="*fp32",
                                sse_part_ptr="*fp32", sae_part_ptr="*fp32", count_part_ptr="*i32")
-        yield "masked_error_partials", f"stage 1 ({dt})", kernels._masked_error_partials_kernel, signature, constexprs
+        yield ("masked_error_partials", f"stage 1, ITERS={kernels.REDUCE_ITERS}, aligned ({dt})",
+               kernels._masked_error_partials_kernel, signature, constexprs)
+        constexprs = dict(PRED="eps", HAS_NOISE=True, HAS_KNOWN_NOISE=True, RNG=False, FAST=True, WRITE_X0=True,
+                          BLOCK=kernels.STEP_BLOCK)
+        signature = _signature(kernels._ddim_dc_step_kernel, constexprs, dt, known_mask_ptr="*fp32",
+                               keys_ptr="*i64", **scalars)
+        yield "ddim_dc_step", f"eps, noise tensors, aligned ({dt})", kernels._ddim_dc_step_kernel, signature, constexprs
     for block in (1, 1024):  # one partial per image (a 32x32 MNIST image), and the widest second stage
         constexprs = dict(BLOCK=block)
         signature = _signature(kernels._sum_partials_kernel, constexprs, count_part_ptr="*i32")
         yield "sum_partials", f"stage 2, BLOCK={block}", kernels._sum_partials_kernel, signature, constexprs
-    constexprs = dict(BLOCK=kernels.STEP_BLOCK)
-    signature = _signature(kernels._keyed_randn_kernel, constexprs, keys_ptr="*i64")
-    yield "keyed_randn", "noise tensor", kernels._keyed_randn_kernel, signature, constexprs
+    for second in (False, True):
+        constexprs = dict(SECOND=second, FAST=True, BLOCK=kernels.STEP_BLOCK)
+        signature = _signature(kernels._keyed_randn_kernel, constexprs, keys_ptr="*i64")
+        label = f"noise tensor, {'odd' if second else 'even'} draw"
+        yield "keyed_randn", label, kernels._keyed_randn_kernel, signature, constexprs
 
 
 def _ptx_instructions(ptx: str) -> list[str]:
@@ -83,15 +100,22 @@ def _ptx_instructions(ptx: str) -> list[str]:
     return ops
 
 
-def compile_for_gpu(fn, signature: dict, constexprs: dict, capability: int) -> dict:
-    """Compile one kernel variant for sm_<capability> on this machine; what its PTX and ptxas show."""
+ALIGNED = ("HW", "chw", "mask_stride_b")  # with every pointer: what an aligned launch of MNIST planes has
+
+
+def compile_for_gpu(fn, signature: dict, constexprs: dict, capability: int, aligned: bool = False) -> dict:
+    """Compile one kernel variant for sm_<capability> on this machine; what its PTX and ptxas show. With
+    `aligned`, as the JIT compiles it for 16-byte aligned pointers and the ALIGNED sizes multiples of 16."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if kernels.interpreting():
         raise RuntimeError("ahead-of-time compilation needs the real kernels: unset TRITON_INTERPRET")
-    compiled = kernels.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", capability, 32))
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if aligned and (n.endswith("_ptr") or n in ALIGNED)}
+    compiled = kernels.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", capability, 32))
     ptx = compiled.asm["ptx"]
     ops = _ptx_instructions(ptx)
     arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
@@ -106,6 +130,10 @@ def compile_for_gpu(fn, signature: dict, constexprs: dict, capability: int) -> d
         int_div_rem=sum(bool(re.match(r"(div|rem)\.[su](16|32|64)$", op)) for op in ops),
         div_rn_f32=ops.count("div.rn.f32"), div_approx=sum(op.startswith(("div.approx", "div.full")) for op in ops),
         nan_min_max=sum(op.startswith(("min.NaN.", "max.NaN.")) for op in ops),
+        approx_sin_cos=sum(op.startswith(("sin.approx", "cos.approx")) for op in ops),
+        mul_hi_u32=ops.count("mul.hi.u32"),  # Philox's rounds: two per round per 32-bit counter pair
+        loads_16_byte=sum(op.startswith("ld.global.v4") for op in ops),
+        loads_narrow=sum(op.startswith("ld.global") and not op.startswith("ld.global.v4") for op in ops),
         local_bytes=sum(int(n) for n in re.findall(r"^\s*\.local\s.*\[(\d+)\];", ptx, re.M)),
         registers=number(r"Used (\d+) registers"), stack_bytes=number(r"(\d+) bytes stack frame"),
         spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
@@ -119,7 +147,8 @@ def ptx_report(targets=GPU_TARGETS, out: Path | None = None) -> list[dict]:
           f"{'div.rn':>6} {'NaN mm':>6}")
     for capability in targets:
         for name, label, fn, signature, constexprs in gpu_variants():
-            r = dict(kernel=name, variant=label, **compile_for_gpu(fn, signature, constexprs, capability))
+            r = dict(kernel=name, variant=label,
+                     **compile_for_gpu(fn, signature, constexprs, capability, aligned="aligned" in label))
             rows.append(r)
             print(f"{name:<22} {label:<44} {r['arch']:>6} {r['ptx_instructions']:7d} {r['int_div_rem']:7d} "
                   f"{r['registers']:4d} {r['spill_stores'] + r['spill_loads']:5d} {r['div_rn_f32']:6d} "
@@ -167,13 +196,37 @@ def test_no_variant_spills_to_local_memory(report):
     spills = [(r["kernel"], r["variant"], r["arch"], r["spill_stores"], r["spill_loads"])
               for r in report if r["spill_stores"] or r["spill_loads"]]
     assert not spills, f"register spills (kernel, variant, arch, store bytes, load bytes): {spills[:5]}"
-    # The only local memory allowed is libdevice's 28-byte table for reducing huge arguments of
-    # sinf/cosf (Box-Muller's cos and sin of 2 pi u): declared where noise is drawn in the kernel, never
-    # reached, since the angle lies in [0, 2 pi). Every other variant must have none.
+    # No local memory at all: libdevice's sinf/cosf would bring a 28-byte table for reducing huge
+    # arguments, but the kernels take the approximate sin and cos of an angle in [-pi, pi).
     for r in report:
-        draws = r["kernel"] == "keyed_randn" or " RNG" in r["variant"]
-        allowed = 28 if draws else 0
-        assert r["local_bytes"] <= allowed, f"{r['kernel']} {r['variant']} {r['arch']}: {r['local_bytes']} B local"
+        assert r["local_bytes"] == 0, f"{r['kernel']} {r['variant']} {r['arch']}: {r['local_bytes']} B local"
+
+
+def test_in_kernel_noise_is_one_philox_call_and_one_fast_box_muller_pair_per_pixel(report):
+    # The step with both its noises in play draws them from one Philox call, as many 32-bit high
+    # multiplies as the noise kernel's one call, and one approximate cos and sin per pixel.
+    for arch in ("sm_80", "sm_90a"):
+        one_call = {r["mul_hi_u32"] for r in report if r["kernel"] == "keyed_randn" and r["arch"] == arch}
+        assert len(one_call) == 1 and min(one_call) > 0, f"{arch}: noise kernels differ in Philox work: {one_call}"
+        for r in (r for r in report if r["arch"] == arch):
+            case = f"{r['kernel']} {r['variant']} {arch}"
+            if r["kernel"] == "ddim_dc_step" and not (" RNG" in r["variant"] and "NOISE" in r["variant"]):
+                assert r["approx_sin_cos"] == r["mul_hi_u32"] == 0, f"{case}: draws noise it does not need"
+            if r["kernel"] != "keyed_randn" and not (" RNG" in r["variant"] and "NOISE" in r["variant"]):
+                continue
+            assert r["approx_sin_cos"] > 0, f"{case}: no sin.approx / cos.approx: Box-Muller takes libdevice's"
+            assert r["mul_hi_u32"] <= min(one_call), f"{case}: {r['mul_hi_u32']} mul.hi.u32, more than one Philox call"
+
+
+def test_aligned_launches_read_their_images_16_bytes_at_a_time(report):
+    # 8 pixels per thread: fp32 images take two 16-byte loads per tensor, bf16 one; the fp32 mask as fp32.
+    for r in (r for r in report if "aligned" in r["variant"]):
+        case = f"{r['kernel']} {r['variant']} {r['arch']}"
+        tensors = 3 if r["kernel"] == "masked_error_partials" else 6  # with the mask
+        images = tensors - 1
+        expected = 2 * tensors if "fp32" in r["variant"] else images + 2  # bf16 images, the fp32 mask's two
+        assert r["loads_16_byte"] == expected and r["loads_narrow"] == 0, \
+            f"{case}: {r['loads_16_byte']} 16-byte and {r['loads_narrow']} narrower loads, expected {expected} and 0"
 
 
 def test_step_divides_correctly_rounded_and_clips_propagating_nan(report):

@@ -496,10 +496,8 @@ class Bar:
 
 
 def record_bars(monkeypatch) -> list[Bar]:
-    import tqdm
-
     made = []
-    monkeypatch.setattr(tqdm, "tqdm", lambda **settings: Bar(made, **settings))
+    monkeypatch.setattr(di, "tqdm", lambda **settings: Bar(made, **settings))
     return made
 
 
@@ -537,7 +535,7 @@ def test_the_sampler_draws_z_only_when_sigma_is_positive_and_never_at_the_last_s
     noise = Draws(x0.shape)
     di.ddim_inpaint(Recorder(), di.Schedule("cosine", 1000, CPU), mask * x0, mask, noise,
                     di.Config(ddim_steps=4, eta=eta, amp="off", pred="x0"))
-    z = {2 + 3 * i for i in range(4)}  # step i's z; its known-pixel noise is the next number
+    z = {2 + 4 * i for i in range(4)}  # step i's z; its known-pixel noise is the next number
     expected = {0, 1} | {d + 1 for d in sorted(z)[:-1]} | (set(sorted(z)[:-1]) if eta > 0 else set())
     assert set(noise.drawn) == expected, f"eta {eta}: drew {sorted(noise.drawn)}, expected {sorted(expected)}"
 
@@ -554,7 +552,7 @@ def test_repaint_resampling_goes_back_one_jump_by_the_forward_transition():
     t, t_prev = 999, 0
     c = kernels.ddim_step_coeffs(AB[t], AB[t_prev], 1.0)
     for r in range(2):  # repeats 0 and 1 at the first level are each sent back before the next call
-        draw = 2 + 3 * r
+        draw = 2 + 4 * r
         x_t = model.calls[r][0]
         x_prev, _ = kernels.ddim_dc_step_ref(x_t, torch.zeros_like(x_t), mask * x0, mask, c, "x0",
                                              noise.drawn[draw], noise.drawn[draw + 1])
