@@ -11,6 +11,13 @@ noise in-kernel, and the fused step with the whole loop replayed as a CUDA graph
 size and with all images in one batch. The images are random (speed does not depend on what is in
 them) and the U-Net untrained, so this runs without data or a checkpoint. Each variant gets a warm-up
 pass (compilation, graph capture), then the median of `rounds` passes.
+
+Then what a user waits for, on random digits (the device has no MNIST; speed does not depend on the
+pixels): Part I's `train` with the defaults (3,700 steps of 64), timed whole, and the eval table of
+`make eval` (n_eval digits, 8 samples of 10 steps, the one-call estimate, the fills and, with
+--perception, the digit classifier) on the model it trained. And what bounds the sampler with every
+digit in one batch: one sampling step (the U-Net and the fused step) at batch n_eval, contiguous and
+channels-last, as a share of what a large bf16 matmul reaches on the device.
 """
 import json
 import math
@@ -26,7 +33,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddim_inpaint as di  # noqa: E402
 import kernels  # noqa: E402
-from throughput import throughput_steps  # noqa: E402
+from throughput import matmul_step, throughput_steps  # noqa: E402
 
 SAMPLER_VARIANTS = {  # name: (backend, noise, cuda_graph)
     "reference step, CPU-generator noise": ("torch", "cpu", False),
@@ -84,14 +91,78 @@ def sampler_bench(cfg: di.Options, explicit: set[str], rounds: int = 3) -> dict:
     print(f"training: {cfg.batch_size / train_s:.0f} images/s (batch {cfg.batch_size}, amp {cfg.amp})")
     result = {"device": kernels.device_name(device), "n_images": n, "ddim_steps": cfg.ddim_steps,
               "rounds": rounds,
-              "sampler": rows, "train_images_per_s": cfg.batch_size / train_s, "versions": di.versions(),
-              "config": asdict(cfg)}
+              "sampler": rows, "train_images_per_s": cfg.batch_size / train_s,
+              "one_batch_bound": one_batch_bound(cfg, device, rounds), **train_and_eval(cfg, device),
+              "versions": di.versions(), "config": asdict(cfg)}
     (out / "sampler_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'sampler_bench.json'}")
     goals = gpu_goals(out)
     if goals:
         (out / "goals.json").write_text(json.dumps(goals, indent=2) + "\n")
     return result
+
+
+def random_digits(n_train: int = 4000, n_test: int = 1000) -> di.Data:
+    """Digits of uniform noise in [-1, 1] with random labels, the size of the bundled set."""
+    g = torch.Generator().manual_seed(0)
+    image = lambda n: torch.rand(n, 1, di.IMAGE_SIZE, di.IMAGE_SIZE, generator=g) * 2 - 1  # noqa: E731
+    return di.Data("random", image(n_train), image(n_test), torch.randint(0, 10, (n_train,), generator=g),
+                   torch.randint(0, 10, (n_test,), generator=g))
+
+
+def synchronized_seconds(fn, device: torch.device) -> tuple:
+    """(fn's result, the seconds it took, the device's work included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def train_and_eval(cfg: di.Options, device: torch.device) -> dict:
+    """{"training": ..., "eval": ...}: Part I's train with the default batch and this run's --steps (3,700 by
+    default) on random digits, timed whole; then the eval table of `make eval` on n_eval of them."""
+    defaults = di.Options()
+    tcfg = replace(cfg, batch_size=defaults.batch_size, ddim_steps=defaults.ddim_steps, eta=defaults.eta)
+    data = random_digits()
+    model, seconds = synchronized_seconds(lambda: di.train(tcfg, data=data), device)
+    training = {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "seconds": seconds,
+                "steps_per_s": tcfg.steps / seconds}
+    print(f"train (Part I's loop, {tcfg.steps} steps of {tcfg.batch_size}): {seconds:.1f} s, "
+          f"{training['steps_per_s']:.0f} steps/s")
+    n, judge, labels = min(cfg.n_eval, len(data.test)), None, None
+    if cfg.perception:
+        judge, _ = di.load_judge(data, device)  # trained once and cached, as eval does
+        labels = data.test_labels[:n]
+    sched = di.Schedule(tcfg.schedule, tcfg.timesteps, device)
+    mask = di.centre_mask(tcfg.hole)
+    _, seconds = synchronized_seconds(lambda: di.eval_table(model.eval(), sched, tcfg, data.test[:n], data.train,
+                                                            mask, device, judge, labels), device)
+    evaluation = {"n_eval": n, "num_samples": tcfg.num_samples, "ddim_steps": tcfg.ddim_steps,
+                  "perception": cfg.perception, "seconds": seconds}
+    print(f"eval table ({n} digits, {tcfg.num_samples} samples of {tcfg.ddim_steps} steps, fills"
+          f"{', judge' if judge else ''}): {seconds:.1f} s")
+    return {"training": training, "eval": evaluation}
+
+
+def one_batch_bound(cfg: di.Options, device: torch.device, rounds: int) -> dict:
+    """One sampling step (U-Net forward and fused step) with all n_eval digits in one batch, contiguous and
+    channels-last: its time and its U-Net's GFLOP/s as a share of a large bf16 matmul's."""
+    steps = {layout: throughput_steps(replace(cfg, batch_size=cfg.n_eval), device, layout == "channels-last")["sample"]
+             for layout in ("contiguous", "channels-last")}
+    matmul, matmul_flops = matmul_step(torch.bfloat16, device, 8192 if device.type == "cuda" else 256)
+    ms = kernels.time_side_by_side({**{k: fn for k, (fn, _) in steps.items()}, "matmul": matmul}, device, rounds)
+    peak = matmul_flops / ms["matmul"][0] * 1e3
+    rows = {"bf16_matmul_tflops": peak / 1e12}
+    for layout, (_, flops) in steps.items():
+        rate = flops / ms[layout][0] * 1e3
+        rows[layout] = {"ms": ms[layout][0], "unet_gflop": flops / 1e9, "tflops": rate / 1e12,
+                        "share_of_bf16_matmul": rate / peak}
+        print(f"one step at batch {cfg.n_eval} ({layout}): {ms[layout][0]:.2f} ms, {rate / 1e12:.1f} TFLOP/s = "
+              f"{100 * rate / peak:.1f}% of a bf16 matmul's {peak / 1e12:.0f} TFLOP/s")
+    return rows
 
 
 def gpu_goals(results: Path) -> list[dict]:
@@ -122,6 +193,13 @@ def gpu_goals(results: Path) -> list[dict]:
         goals.append(dict(goal=f"masked sums >= 80% of copy bandwidth from 16M pixels ({dtype})",
                           measured=f"{min(r['pct_copy'] for r in sums):.0f}% (worst size)",
                           met=all(r["pct_copy"] >= 80 for r in sums)))
+    if "training" in sampler:
+        t, e = sampler["training"], sampler["eval"]
+        goals.append(dict(goal=f"the default training loop ({t['steps']} steps of {t['batch_size']}) in <= 15 s",
+                          measured=f"{t['seconds']:.1f} s ({t['steps_per_s']:.0f} steps/s)", met=t["seconds"] <= 15))
+        goals.append(dict(goal=f"make eval's work ({e['n_eval']} digits, {e['num_samples']} samples of "
+                               f"{e['ddim_steps']} steps, fills{', judge' if e['perception'] else ''}) in <= 5 s",
+                          measured=f"{e['seconds']:.1f} s", met=e["seconds"] <= 5))
     for batch in sorted({r["batch_size"] for r in sampler["sampler"]}):
         rows = {r["variant"]: r for r in sampler["sampler"] if r["batch_size"] == batch}
         best = max(rows.values(), key=lambda r: r["images_per_s"])

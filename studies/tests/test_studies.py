@@ -136,12 +136,18 @@ def test_gpu_check_times_the_reference_sampler_on_a_cpu(tmp_path):
     import gpu_check
 
     code = gpu_check.main(["--base-ch", "8", "--ch-mult", "1,2", "--n-eval", "4", "--batch-size", "2",
-                           "--ddim-steps", "2", "--amp", "off", "--results-dir", str(tmp_path)])
+                           "--ddim-steps", "2", "--amp", "off", "--steps", "3", "--num-samples", "2",
+                           "--no-perception", "--results-dir", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "sampler_bench.json").read_text())
     rows = {(r["variant"], r["batch_size"]) for r in result["sampler"]}
     assert {("reference step, CPU-generator noise", 2), ("reference step, CPU-generator noise", 4)} <= rows
     assert all(r["images_per_s"] > 0 for r in result["sampler"]) and result["train_images_per_s"] > 0
+    assert result["training"]["steps"] == 3 and result["training"]["batch_size"] == 64  # the default batch
+    assert result["eval"]["n_eval"] == 4 and result["eval"]["seconds"] > 0
+    bound = result["one_batch_bound"]
+    assert all(0 < bound[layout]["share_of_bf16_matmul"] and bound[layout]["unet_gflop"] > 0
+               for layout in ("contiguous", "channels-last"))
 
 
 # --- the budget screen's own options --------------------------------------------------------------
