@@ -689,7 +689,8 @@ class Options(Config):
     # sampling
     noise: str = opt("auto", "sampling", "noise keyed per digit: philox (drawn in the fused step), cpu (a CPU "
                      "generator per digit, the same on every device), auto (philox on CUDA)", ("auto", "cpu", "philox"))
-    cuda_graph: bool = opt(True, "sampling", "on CUDA with philox noise: replay the DDIM loop as one CUDA graph")
+    cuda_graph: bool = opt(True, "sampling", "on CUDA: replay the DDIM loop (with philox noise) and the U-Net's "
+                           "training forward and backward as CUDA graphs")
     # evaluation
     n_eval: int = opt(1000, "evaluation", "test digits scored by `eval` (at most all there are)", "[1, 1e18]")
     perception: bool = opt(True, "evaluation", "also judge the fills with a digit classifier (trained once, cached "
@@ -893,6 +894,8 @@ class TrainingRun(Steps):
         self.signals = ExitStack()  # closed by finish, so that Ctrl-C then interrupts as usual
         self.stop = self.signals.enter_context(stop_on_signals())
         self.resources.push(self.signals)
+        if self.world == 1 and cfg.cuda_graph and self.device.type == "cuda" and not cfg.self_cond:  # (its coin)
+            return graphed_unet(model, cfg, self.batch_size)
         if self.world == 1:
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -992,6 +995,27 @@ class TrainingRun(Steps):
         self.log(f"done: {self.step} steps in {self.elapsed_before + time.time() - self.t0:.0f} s; checkpoint "
                  f"{self.path}, panels in {self.out}/")
         self.exit_code = 0
+
+
+def graphed_unet(model: UNet, cfg: Options, batch_size: int) -> Callable:
+    """train's network as CUDA graphs: the U-Net's training forward and its backward, each captured once for
+    the shapes train gives and replayed every step (launched one by one, the hundreds of short kernels of a
+    32x32 U-Net leave the GPU waiting for Python). The graphs read the weights where they live, so the
+    optimizer's in-place steps, and a resume before the capture, are what they compute with."""
+    device, B, n = next(model.parameters()).device, batch_size, IMAGE_SIZE
+    sample_args = (torch.zeros(B, 1, n, n, device=device), torch.zeros(B, dtype=torch.long, device=device),
+                   torch.ones(1 if cfg.train_mask == "centre" else B, 1, n, n, device=device),
+                   torch.zeros(B, 1, n, n, device=device))  # x_t, t, known_mask, y
+    amp = autocast(cfg, device)
+    if isinstance(amp, torch.autocast):  # the casts of the weights are captured: autocast must not cache them
+        amp = torch.autocast(device.type, dtype=amp.fast_dtype, cache_enabled=False)
+    try:
+        with amp:
+            graphed = torch.cuda.make_graphed_callables(model.train(), sample_args)  # eval mode stays eager
+    except RuntimeError as e:
+        raise UserError(f"could not capture the training step as a CUDA graph ({str(e).splitlines()[0][:100]}); "
+                        "train with --no-cuda-graph") from e
+    return lambda x_t, t, known_mask, y, x0_sc=None: graphed(x_t, t, known_mask, y)
 
 
 def save_panel(model, sched, cfg, x0, known_mask, path: Path) -> None:
