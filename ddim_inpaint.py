@@ -1004,7 +1004,7 @@ def graphed_unet(model: UNet, cfg: Options, batch_size: int) -> Callable:
     optimizer's in-place steps, and a resume before the capture, are what they compute with."""
     device, B, n = next(model.parameters()).device, batch_size, IMAGE_SIZE
     sample_args = (torch.zeros(B, 1, n, n, device=device), torch.zeros(B, dtype=torch.long, device=device),
-                   torch.ones(1 if cfg.train_mask == "centre" else B, 1, n, n, device=device),
+                   torch.ones(B, 1, n, n, device=device),  # a shared (1, 1, H, W) mask is copied in broadcast
                    torch.zeros(B, 1, n, n, device=device))  # x_t, t, known_mask, y
     amp = autocast(cfg, device)
     if isinstance(amp, torch.autocast):  # the casts of the weights are captured: autocast must not cache them
@@ -1013,8 +1013,9 @@ def graphed_unet(model: UNet, cfg: Options, batch_size: int) -> Callable:
         with amp:
             graphed = torch.cuda.make_graphed_callables(model.train(), sample_args)  # eval mode stays eager
     except RuntimeError as e:
-        raise UserError(f"could not capture the training step as a CUDA graph ({str(e).splitlines()[0][:100]}); "
-                        "train with --no-cuda-graph") from e
+        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise UserError(f"could not capture the training step as a CUDA graph ({why}); train with "
+                        "--no-cuda-graph") from e
     return lambda x_t, t, known_mask, y, x0_sc=None: graphed(x_t, t, known_mask, y)
 
 

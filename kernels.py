@@ -224,7 +224,7 @@ def _keyed_normal_pair(key, pair, k, FAST: tl.constexpr):
     # randint4x splits a 64-bit offset into the counter words (low 32 bits, high 32 bits) = (k, pair).
     w0, w1, _, _ = tl.randint4x(key, k.to(tl.int64) + (pair.to(tl.int64) << 32))
     u = tl.maximum(tl.uint_to_uniform_float(w0), 1.0e-7)  # in (0, 1): log(0) would be -inf
-    theta = 6.283185307179586 * tl.uint_to_uniform_float(w1) - 3.141592653589793  # in [-pi, pi)
+    theta = 6.283185307179586 * tl.uint_to_uniform_float(w1) - 3.141592653589793  # in [-pi, pi], to an ulp
     r = tl.sqrt(-2.0 * tl.log(u))
     if FAST:
         return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
@@ -346,7 +346,7 @@ def _check_keys(keys: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _check_size(t: torch.Tensor) -> None:
     if t.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(t.shape)}")
-    if t.numel() >= 2**31:
+    if t.numel() + REDUCE_ITERS * REDUCE_BLOCK >= 2**31:  # with the last program's masked overrun
         raise ValueError("the kernels index pixels with int32: split the batch")
 
 
@@ -388,7 +388,7 @@ def ddim_dc_step_triton(x_t, model_out, y, known_mask, c: StepCoeffs, pred: str,
         x_t, model_out, y, known_mask, noise, known_noise, keys, x_prev, x0_hat if want_x0 else x_prev,
         C, H * W, blocks_per_plane, mask_stride_b,
         c.sqrt_ab, c.sqrt_1m_ab, c.sqrt_ab_prev, c.sqrt_1m_ab_prev, c.dir_coef, c.sigma, draw // 2,
-        PRED=pred, HAS_NOISE=has_noise, HAS_KNOWN_NOISE=has_known_noise, RNG=rng, FAST=not interpreting(),
+        PRED=pred, HAS_NOISE=has_noise, HAS_KNOWN_NOISE=has_known_noise, RNG=rng, FAST=_fast_math(),
         WRITE_X0=want_x0, BLOCK=STEP_BLOCK, num_warps=4,
     )
     return x_prev, x0_hat
@@ -445,7 +445,7 @@ def keyed_randn(keys: torch.Tensor, draw: int, shape) -> torch.Tensor:
         return out
     blocks_per_image = triton.cdiv(chw, STEP_BLOCK)
     _keyed_randn_kernel[(shape[0] * blocks_per_image,)](keys, out, chw, blocks_per_image, draw // 2,
-                                                        SECOND=draw % 2 == 1, FAST=not interpreting(),
+                                                        SECOND=draw % 2 == 1, FAST=_fast_math(),
                                                         BLOCK=STEP_BLOCK, num_warps=4)
     return out
 
@@ -619,6 +619,11 @@ def masked_l1(pred, target, known_mask, backend: str = "auto"):
 # Dispatch
 # -----------------------------------------------------------------------------------------------
 BACKENDS = ("auto", "torch", "triton")
+
+
+def _fast_math() -> bool:
+    """Whether the noise takes the approximate cos and sin of NVIDIA's special-function unit (see the step)."""
+    return not interpreting() and torch.version.hip is None  # ROCm's libdevice has no fast_cosf / fast_sinf
 
 
 def interpreting() -> bool:
