@@ -177,6 +177,24 @@ def test_cuda_graph_replay_equals_the_eager_sampler_bit_for_bit(backend):
     assert torch.equal(again, graphed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("train_mask", ["centre", "box"])
+def test_cuda_graph_training_follows_the_eager_loop(tmp_path, train_mask):
+    # The graphs replay the eager kernels on the same weights: six steps land on the same weights, to
+    # the rounding of a different cuDNN choice at most.
+    cfg = di.Options(base_ch=8, ch_mult="1,2", steps=6, warmup=2, batch_size=8, panel_every=0, amp="off",
+                     train_mask=train_mask, device="cuda")
+    labels = torch.zeros(64, dtype=torch.long)
+    data = di.Data("fake", fake_digits(64), fake_digits(10), labels, labels[:10])
+    weights = {}
+    for graph in (True, False):
+        c = replace(cfg, cuda_graph=graph, out_dir=str(tmp_path / f"graph_{graph}"))
+        with di.TrainingRun(c) as run:
+            di.train(c, run, di.training_holes(c), data)
+        weights[graph] = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+    torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-5)
+
+
 # --- holes beyond the centre box ------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["box", "free"])
 def test_training_masks_are_drawn_per_image_reproducibly_whatever_the_batch_size(kind):
