@@ -321,6 +321,11 @@ def autocast(cfg: Config, device: torch.device):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device`; to a GPU through pinned memory, so the copy queues behind its work instead of waiting."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
 # %% [markdown]
 # ## 5. Training (DDPM Algorithm 1, conditioned on the observation)
 #
@@ -376,8 +381,7 @@ def lr_at(step: int, progress: float, cfg: Config) -> float:
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """EMA with warmup (decay grows as (1 + step) / (10 + step)), so early checkpoints sample well."""
     d = min(decay, (1 + step) / (10 + step))
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)  # as torch.optim.swa_utils does
 
 
 class Steps:
@@ -416,7 +420,8 @@ def train(cfg: Config, run=None, holes=None, data: Data | None = None) -> nn.Mod
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(cfg).to(run.device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=True if run.device.type == "cuda" else None)  # on a GPU one kernel for all
     sched = Schedule(cfg.schedule, cfg.timesteps, run.device)
     centre = centre_mask(cfg.hole).to(run.device)  # (1, 1, H, W)
     holes = holes or (lambda x0, gen: centre)
@@ -427,10 +432,10 @@ def train(cfg: Config, run=None, holes=None, data: Data | None = None) -> nn.Mod
         for group in opt.param_groups:
             group["lr"] = lr_at(run.step, run.progress(), cfg)
         # Algorithm 1: x0 ~ q(x0) (line 2); t, eps and the loss inside diffusion_loss (lines 3-5).
-        idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen).to(run.device)
-        x0 = train_x[idx]
+        idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen)
+        x0 = train_x[to_device(idx, run.device)]
         loss = diffusion_loss(net, sched, x0, holes(x0, run.data_gen).to(run.device), cfg, run.noise_gen)
-        run.check_finite(loss)  # a NaN must be caught before it reaches the weights
+        run.check_finite(loss)  # a NaN must be caught before weights that saw it are saved
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -844,6 +849,7 @@ class TrainingRun(Steps):
         else:
             self.device = pick_device(cfg.device)
         self.batch_size, self.exit_code = cfg.batch_size // self.world, None
+        self.read_every = 10 if self.device.type == "cuda" else 1  # reading a loss waits for the GPU: not every step
         self.out = writable_dir(cfg.out_dir, "--out-dir")
         self.path = self.out / "last.pt"
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
@@ -884,7 +890,7 @@ class TrainingRun(Steps):
         if cfg.resume:
             self.resume(rank_seed)
         self.start_step = self.saved_at = self.step
-        self.t0, self.loss_ema, self.stop_votes = time.time(), 0.0, 0
+        self.t0, self.loss_ema, self.stop_votes, self.losses = time.time(), 0.0, 0, []
         self.log(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {data.name} "
                  f"({len(data.train)} digits), {cfg.steps} steps of {cfg.batch_size} images on {self.world} x "
                  f"{self.device}, amp={cfg.amp}")
@@ -934,22 +940,35 @@ class TrainingRun(Steps):
         return not self.stop_votes and self.step < self.cfg.steps
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop on a NaN or Inf loss (averaged over ranks): .item() syncs a GPU, but the weights stay good."""
-        self.loss_value = self.all_sum([loss.item()])[0] / self.world
-        if not math.isfinite(self.loss_value):
-            raise UserError(f"the loss became {self.loss_value} at step {self.step + 1}; {self.path} keeps the "
-                            "last good weights; lower --lr or raise --warmup and --resume")
+        """Keep the loss; read the kept ones every read_every steps (on a CPU each, before it reaches the weights)."""
+        self.losses.append((self.step + 1, loss.detach()))
+        if (self.step + 1) % self.read_every == 0:
+            self.read_losses()
+
+    def read_losses(self) -> None:
+        """Average the kept losses over the ranks into the logged loss; stop on a NaN or Inf, naming its step.
+        Called before weights are saved or drawn too, so no file holds weights that saw a NaN."""
+        if not self.losses:
+            return
+        steps, losses = zip(*self.losses)
+        self.losses = []
+        for step, total in zip(steps, self.all_sum(torch.stack(losses).tolist())):
+            if not math.isfinite(total):
+                raise UserError(f"the loss became {total / self.world} at step {step}; {self.path} keeps the "
+                                "last good weights; lower --lr or raise --warmup and --resume")
+            self.loss_ema = 0.98 * self.loss_ema + 0.02 * (total / self.world)
 
     def step_done(self) -> None:
         """Count the step; log, draw a panel and write a checkpoint when their intervals come round."""
         self.step += 1
         self.bar.update(1)
-        self.loss_ema = 0.98 * self.loss_ema + 0.02 * self.loss_value
         if self.step % 10 == 0:
             debiased = self.loss_ema / (1 - 0.98 ** (self.step - self.start_step))  # the EMA started at zero
             self.bar.set_postfix(step=self.step, loss=f"{debiased:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
-        if self.cfg.panel_every and self.step % self.cfg.panel_every == 0 and self.rank == 0:
-            self.panel(self.out / f"panel_{self.step:06d}.png")
+        if self.cfg.panel_every and self.step % self.cfg.panel_every == 0:
+            self.read_losses()  # on every rank: it sums over them
+            if self.rank == 0:
+                self.panel(self.out / f"panel_{self.step:06d}.png")
         if self.step % self.cfg.ckpt_every == 0:
             self.checkpoint()
 
@@ -958,6 +977,7 @@ class TrainingRun(Steps):
         if self.saved_at == self.step and self.step > self.start_step:
             return
         self.saved_at = self.step
+        self.read_losses()
         rng, gap = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state()}, 0.0
         by_rank = [rng]
         if self.world > 1:  # collectives: every rank takes part
@@ -1171,7 +1191,8 @@ def training_holes(cfg: Options):
     if cfg.train_mask == "centre":
         return None
     sides, centre = box_sides(cfg.train_box_sides), centre_mask(cfg.hole)
-    return lambda x0, gen: random_masks(cfg.train_mask, gen, len(x0), centre, cfg.train_mask_centre, sides)
+    return lambda x0, gen: to_device(random_masks(cfg.train_mask, gen, len(x0), centre, cfg.train_mask_centre, sides),
+                                     x0.device)
 
 
 def unseen_holes(known_mask: torch.Tensor, trained: Options) -> str:

@@ -195,6 +195,36 @@ def test_cuda_graph_training_follows_the_eager_loop(tmp_path, train_mask):
     torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host waits only where there is a GPU")
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_training_steps_on_cuda_never_wait_for_the_gpu(tmp_path, cuda_graph):
+    # Between the reads of the losses (here: none) no step may sync the host with the GPU: a sync
+    # leaves the GPU idle while Python queues the next step. Set up and finish are not watched.
+    cfg = di.Options(base_ch=8, ch_mult="1,2", steps=12, warmup=2, batch_size=8, panel_every=0, ckpt_every=10**6,
+                     train_mask="box", cuda_graph=cuda_graph, device="cuda", out_dir=str(tmp_path))
+    labels = torch.zeros(64, dtype=torch.long)
+    data = di.Data("fake", fake_digits(64), fake_digits(10), labels, labels[:10])
+    with di.TrainingRun(cfg) as run:
+        run.read_every, start, finish = 10**6, run.start, run.finish
+
+        def start_then_watch(*args):
+            net = start(*args)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            return net
+
+        def unwatch_then_finish():
+            torch.cuda.set_sync_debug_mode("default")
+            finish()
+
+        run.start, run.finish = start_then_watch, unwatch_then_finish
+        try:
+            di.train(cfg, run, di.training_holes(cfg), data)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert run.step == 12 and run.exit_code == 0
+
+
 # --- holes beyond the centre box ------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["box", "free"])
 def test_training_masks_are_drawn_per_image_reproducibly_whatever_the_batch_size(kind):

@@ -1,6 +1,7 @@
 """Hard knocks, driven through the command line as a user would: bad input, interrupted and killed
 runs, untrusted checkpoints, your own digits, and determinism."""
 import json
+import math
 import os
 import pickle
 import re
@@ -460,6 +461,34 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert_one_line_error(proc, 1, "step", "keeps the last good")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("ckpt_every", [4, 20])
+def test_losses_read_in_batches_still_stop_on_the_first_nan_before_any_file_holds_it(tmp_path, monkeypatch, ckpt_every):
+    # On a GPU the losses are read every 10 steps: a NaN at step 7 has reached the weights by then, so
+    # the checkpoint at step 8 (or the read at step 10) must name step 7 and save nothing after step 4.
+    real, calls = di.diffusion_loss, []
+
+    def nan_at_step_7(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * math.nan if len(calls) >= 7 else loss
+
+    monkeypatch.setattr(di, "diffusion_loss", nan_at_step_7)
+    cfg = di.Options(base_ch=8, ch_mult="1,2", steps=30, batch_size=8, panel_every=0, ckpt_every=ckpt_every,
+                     out_dir=str(tmp_path))
+    labels = torch.zeros(32, dtype=torch.long)
+    data = di.Data("fake", torch.rand(32, 1, 32, 32) * 2 - 1, torch.rand(10, 1, 32, 32) * 2 - 1, labels, labels[:10])
+    with di.TrainingRun(cfg) as run:
+        run.read_every = 10
+        with pytest.raises(di.UserError, match=r"^the loss became nan at step 7; .* keeps the last good weights"):
+            di.train(cfg, run, data=data)
+    assert run.step == (8 if ckpt_every == 4 else 9), "read at the checkpoint of step 8, else at the check of step 10"
+    if ckpt_every == 4:
+        ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+        assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    else:
+        assert not (tmp_path / "last.pt").exists()
 
 
 def test_second_run_in_the_same_folder_is_refused_unless_forced(tmp_path):
