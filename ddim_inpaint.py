@@ -93,7 +93,8 @@ class Config:
     coord_conv: bool = opt(False, "model", "coord-conv: also feed the pixel coordinates")
     # training
     steps: int = opt(3700, "training", "optimizer steps", "[1, 10000000]")
-    batch_size: int = opt(64, "training", "images per step (train) or per forward pass (sample/eval)", "[1, 4096]")
+    batch_size: int = opt(64, "training", "images per step (train), digits per forward pass (sample/eval; on CUDA "
+                          "with all their samples)", "[1, 4096]")
     lr: float = opt(4e-3, "training", "peak learning rate of AdamW", "(0, 1e6]")
     warmup: int = opt(100, "training", "linear learning-rate warmup steps, then cosine decay", "[0, 10000000]")
     min_lr_frac: float = opt(0.05, "training", "final learning rate as a fraction of --lr", "[0, 1]")
@@ -1077,6 +1078,34 @@ def fast_sampler(model, sched: Schedule, y, known_mask, keys, cfg: Options) -> t
     return ddim_inpaint(model, sched, y, known_mask, noise, cfg)
 
 
+def all_samples(model, sched: Schedule, x0, known_mask, cfg: Options, device: torch.device, sampler=fast_sampler,
+                at_once: bool | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    """cfg.num_samples samples of every digit x0 (N, 1, H, W), sample k of digit i keyed (i, k), and each one's
+    seconds. On CUDA (at_once) a digit batch's samples go in one sampler call of K times the batch, a K-th of
+    the launches, and each sample is timed as a K-th of the total; elsewhere a pass per sample, as Part I."""
+    K, indices, samples, seconds = cfg.num_samples, list(range(len(x0))), [], []
+    if not (device.type == "cuda" if at_once is None else at_once):
+        for k in range(K):
+            t0 = time.time()
+            samples.append(inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, k, f"sample {k + 1}/{K}",
+                                          sampler))
+            seconds.append(time.time() - t0)
+        return samples, seconds
+    group, t0 = max(1, 4096 // cfg.batch_size), time.time()  # samples a call: up to 4,096 images a forward pass
+    for first in range(0, K, group):
+        ks = range(first, min(K, first + group))
+
+        def together(model, sched, y, mask, keys, c, ks=ks):  # -> (B, len(ks), 1, H, W), stacked by inpaint_digits
+            n = len(ks)
+            out = sampler(model, sched, y.repeat(n, 1, 1, 1), mask if len(mask) == 1 else mask.repeat(n, 1, 1, 1),
+                          [(i, k) for k in ks for i, _ in keys], c)
+            return out.reshape(n, *y.shape).transpose(0, 1)
+
+        samples += inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, 0,
+                                  f"samples {ks[0] + 1}-{ks[-1] + 1}/{K}", together).unbind(1)
+    return samples, [(time.time() - t0) / K] * K
+
+
 _GRAPHS: dict[tuple, tuple] = {}  # (model, shapes, settings) -> (graph, model, static inputs..., static output)
 
 
@@ -1510,15 +1539,12 @@ def eval_table(model, sched, cfg: Options, x0, train_x, known_mask, device, judg
     """Score every method on the digits x0 (N, 1, H, W): {key: {"label", PSNR and L1 with intervals, "nfe",
     "seconds", and with a `judge` accuracy and FD}}. The keys: sample (one DDIM sample), mean (of K), one_call
     (x0_hat at t = T-1), averaged (those two), the fills by name, and with a judge truth, the ceiling."""
-    indices, mask, K = list(range(len(x0))), known_mask.to(device), cfg.num_samples
-
-    def timed(c, sample=0, progress=""):
-        t0 = time.time()
-        out = inpaint_digits(model, sched, x0, indices, mask, c, device, sample, progress, sampler)
-        return out, time.time() - t0
-
-    samples, secs = zip(*[timed(cfg, k, f"sample {k + 1}/{K}") for k in range(K)])
-    one_call, one_secs = timed(replace(cfg, ddim_steps=1, dc_repeats=1))  # the hole is pure noise at t = T-1
+    mask, K = known_mask.to(device), cfg.num_samples
+    samples, secs = all_samples(model, sched, x0, mask, cfg, device, sampler)
+    t0 = time.time()
+    one_call = inpaint_digits(model, sched, x0, list(range(len(x0))), mask, replace(cfg, ddim_steps=1, dc_repeats=1),
+                              device, sampler=sampler)  # the hole is pure noise at t = T-1
+    one_secs = time.time() - t0
     mean, nfe = torch.stack(samples).mean(0), cfg.ddim_steps * cfg.dc_repeats
     methods = {  # key: (label, prediction, network evaluations per digit, seconds)
         "sample": (f"DDIM sample ({cfg.ddim_steps} steps)", samples[0], nfe, secs[0]),
@@ -1609,9 +1635,7 @@ def sample(cfg: Options, explicit: set[str]) -> None:
     out = writable_dir(cfg.out_dir, "--out-dir")
     run = prepare_inference(cfg, explicit, n=10 if not cfg.images else 10**9)
     cfg, x0, known_mask = run.cfg, run.x0, run.known_mask.to(run.device)
-    samples = [inpaint_digits(run.model, run.sched, x0, list(range(len(x0))), known_mask, cfg, run.device, sample=k,
-                              progress=f"sample {k + 1}/{cfg.num_samples}", sampler=fast_sampler)
-               for k in range(cfg.num_samples)]
+    samples, _ = all_samples(run.model, run.sched, x0, known_mask, cfg, run.device)
     save_grid([x0[:10], (known_mask[:10] * x0[:10].to(run.device)).cpu(), *[s[:10] for s in samples]],
               out / "samples.png")
     print(f"wrote {out / 'samples.png'}: ground truth, masked, then {cfg.num_samples} samples per digit "

@@ -154,6 +154,27 @@ def test_keyed_noise_sampling_does_not_depend_on_the_batch():
     assert not torch.equal(other_sample, alone), "sample 1 drew the same noise as sample 0"
 
 
+@pytest.mark.parametrize("per_image_masks", [False, True])
+def test_all_samples_of_a_batch_at_once_are_the_samples_drawn_one_pass_each(per_image_masks):
+    # K = 3 samples at batch 2048 go in calls of two samples (4,096 images at most), then one.
+    cfg = di.Options(base_ch=8, ch_mult="1,2", ddim_steps=3, eta=1.0, amp="off", batch_size=2048, num_samples=3)
+    model, sched = wild_model(cfg), di.Schedule("cosine", 1000, DEVICE)
+    x0 = fake_digits(4)
+    mask = di.mask_set("box", 4).to(DEVICE) if per_image_masks else di.centre_mask(16).to(DEVICE)
+    calls, fast = [], di.fast_sampler
+
+    def counted(model, sched, y, known_mask, keys, c):
+        calls.append(len(keys))
+        return fast(model, sched, y, known_mask, keys, c)
+
+    together, seconds = di.all_samples(model, sched, x0, mask, cfg, DEVICE, counted, at_once=True)
+    assert calls == [8, 4] and len(seconds) == 3 and seconds[0] == seconds[2]
+    each, _ = di.all_samples(model, sched, x0, mask, cfg, DEVICE, at_once=False)
+    for k in range(3):
+        torch.testing.assert_close(together[k], each[k], atol=COMPILED_TOL, rtol=0)
+    assert not torch.equal(together[0], together[1]), "samples 0 and 1 drew the same noise"
+
+
 def test_noise_auto_is_philox_on_cuda_and_cpu_generators_elsewhere():
     cfg = di.Options()
     assert isinstance(di.make_noise(cfg, [(0, 0)], (1, 32, 32), torch.device("cpu")), di.NoiseStream)
