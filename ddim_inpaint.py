@@ -601,7 +601,7 @@ def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
     unique, which = torch.unique(masks, dim=0, return_inverse=True)
     nn1, nnk = torch.empty_like(test_x), torch.empty_like(test_x)
     for g, m in enumerate(unique):  # the digits that share a mask share its masked training set
-        rows = (which == g).nonzero().flatten()
+        rows, m = (which == g).nonzero().flatten(), m.to(train_x.device)
         train_known = train_x.flatten(1) * m
         for lo in range(0, len(rows), chunk):
             r = rows[lo:lo + chunk]
@@ -610,10 +610,11 @@ def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
     return nn1, nnk
 
 
-def baseline_fills(train_x, x0, known_mask) -> dict[str, tuple[torch.Tensor, float]]:
-    """The fills that need no learning, each as (digits with the known pixels kept, seconds taken)."""
+def baseline_fills(train_x, x0, known_mask, device=torch.device("cpu")) -> dict[str, tuple[torch.Tensor, float]]:
+    """The fills that need no learning, each as (digits with the known pixels kept, seconds taken); the
+    neighbours are searched on `device`."""
     t0 = time.time()
-    nn1, nn10 = knn_fills(train_x, x0, known_mask)
+    nn1, nn10 = (fill.cpu() for fill in knn_fills(train_x.to(device), x0.to(device), known_mask))
     knn_secs = time.time() - t0  # the eval table's seconds column
     fills = {"zero (black) fill": (torch.full_like(x0, -1.0), 0.0),
              "train-mean fill": (train_x.mean(0, keepdim=True).expand_as(x0), 0.0),
@@ -1555,7 +1556,8 @@ def eval_table(model, sched, cfg: Options, x0, train_x, known_mask, device, judg
         # at most the mean of theirs (|(a + b) / 2 - x| <= (|a - x| + |b - x|) / 2), less where they err apart
         methods["averaged"] = (f"one-call and {K}-mean averaged", (one_call + mean) / 2, K * nfe + 1,
                                sum(secs) + one_secs)
-    methods.update({name: (name, fill, 0, s) for name, (fill, s) in baseline_fills(train_x, x0, known_mask).items()})
+    fills = baseline_fills(train_x, x0, known_mask, device)
+    methods.update({name: (name, fill, 0, s) for name, (fill, s) in fills.items()})
     if judge is not None:
         methods["truth"] = ("ground truth (ceiling)", x0, 0, 0.0)
     real = judge(x0)[1] if judge is not None else None  # the untouched digits' features, for every row

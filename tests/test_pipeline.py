@@ -175,6 +175,16 @@ def test_all_samples_of_a_batch_at_once_are_the_samples_drawn_one_pass_each(per_
     assert not torch.equal(together[0], together[1]), "samples 0 and 1 drew the same noise"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="on a CPU both searches are the same one")
+def test_fills_searched_on_the_device_are_the_fills_searched_on_the_cpu():
+    train, x0 = fake_digits(300), fake_digits(20)
+    for mask in (di.centre_mask(16), di.mask_set("box", 20)):
+        here, there = di.baseline_fills(train, x0, mask), di.baseline_fills(train, x0, mask, DEVICE)
+        assert there["1-NN copy"][0].device.type == "cpu"
+        for name in here:
+            torch.testing.assert_close(there[name][0], here[name][0], atol=1e-6, rtol=0)
+
+
 def test_noise_auto_is_philox_on_cuda_and_cpu_generators_elsewhere():
     cfg = di.Options()
     assert isinstance(di.make_noise(cfg, [(0, 0)], (1, 32, 32), torch.device("cpu")), di.NoiseStream)
