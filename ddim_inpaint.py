@@ -937,8 +937,10 @@ class TrainingRun(Steps):
         self.log(f"resumed from {self.path} at step {self.step}")
 
     def keep_going(self) -> bool:
-        """Every rank must stop at the same step: a signal on any rank stops them all."""
-        self.stop_votes = self.all_sum([float(bool(self.stop))])[0]
+        """Every rank must stop at the same step: a signal on any rank stops them all. Over several GPUs the
+        votes are counted every read_every steps: a count waits for the GPUs, as a loss read does."""
+        if self.world == 1 or self.step % self.read_every == 0:
+            self.stop_votes = self.all_sum([float(bool(self.stop))])[0]
         return not self.stop_votes and self.step < self.cfg.steps
 
     def check_finite(self, loss: torch.Tensor) -> None:
