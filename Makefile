@@ -56,6 +56,7 @@ GPU_PYTHON ?= python3
 GPU_RESULTS ?= results/gpu
 gpu-check:
 	mkdir -p $(GPU_RESULTS)
+	-nvidia-smi > $(GPU_RESULTS)/nvidia-smi.txt  # the card and its clocks, beside what it measured
 	$(GPU_PYTHON) -c "import torch, triton, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 	  '| triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA GPU')"
 	-set -o pipefail; $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_pipeline.py \

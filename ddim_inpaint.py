@@ -323,8 +323,8 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """x on `device`; to a GPU through pinned memory, so the copy queues behind its work instead of waiting."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    """x on `device`; from the CPU to a GPU through pinned memory, so the copy queues instead of waiting."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and not x.is_cuda else x.to(device)
 
 
 # %% [markdown]
@@ -389,12 +389,12 @@ class Steps:
     """The least bookkeeping a run needs: a device, two generators, a step count (TrainingRun adds the rest)."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.step, self.batch_size = cfg, 0, cfg.batch_size
+        self.cfg, self.step, self.batch_size, self.seed = cfg, 0, cfg.batch_size, cfg.seed
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def start(self, model, ema, opt, data: Data, sched: Schedule) -> nn.Module:  # -> the network to call
-        self.data_gen = torch.Generator().manual_seed(self.cfg.seed)  # which digits (and holes) each batch gets
-        self.noise_gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 1)  # t, eps, the self-cond coin
+        self.data_gen = torch.Generator().manual_seed(self.seed)  # which digits (and holes) each batch gets
+        self.noise_gen = torch.Generator(self.device).manual_seed(self.seed + 1)  # t, eps, the self-cond coin
         return model
 
     def keep_going(self) -> bool:
@@ -435,7 +435,7 @@ def train(cfg: Config, run=None, holes=None, data: Data | None = None) -> nn.Mod
         # Algorithm 1: x0 ~ q(x0) (line 2); t, eps and the loss inside diffusion_loss (lines 3-5).
         idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen)
         x0 = train_x[to_device(idx, run.device)]
-        loss = diffusion_loss(net, sched, x0, holes(x0, run.data_gen).to(run.device), cfg, run.noise_gen)
+        loss = diffusion_loss(net, sched, x0, to_device(holes(x0, run.data_gen), run.device), cfg, run.noise_gen)
         run.check_finite(loss)  # a NaN must be caught before weights that saw it are saved
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -643,9 +643,10 @@ def save_grid(rows: list[torch.Tensor], path: Path) -> None:
 def try_it(steps: int = 300, out_dir: str = "outputs/try_it", **overrides) -> Path:
     """Train a small run, inpaint ten test digits; returns the PNG of truth / masked / filled."""
     cfg = Config(steps=steps, warmup=min(100, steps // 4), **overrides)
-    model = train(cfg).eval()
+    data = load_mnist5k()
+    model = train(cfg, data=data).eval()
     device = next(model.parameters()).device
-    x0, mask = load_mnist5k().test[:10], centre_mask(cfg.hole)
+    x0, mask = data.test[:10], centre_mask(cfg.hole)
     filled = inpaint_digits(model, Schedule(cfg.schedule, cfg.timesteps, device), x0, list(range(10)),
                             mask.to(device), cfg, device)
     path = Path(out_dir) / "try_it.png"
@@ -775,6 +776,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_triton_flags(cfg: Options, device: torch.device) -> None:
+    """Refuse --backend triton and --noise philox, before any work, where no Triton kernel can run."""
+    if not (kernels.HAVE_TRITON and (device.type == "cuda" or kernels.interpreting())):
+        for flag, fallback in (("backend", "auto or torch"), ("noise", "auto or cpu")):
+            if getattr(cfg, flag) in ("triton", "philox"):
+                raise UserError(f"--{flag} {getattr(cfg, flag)} needs Triton on a CUDA GPU, not {device}; use --{flag} "
+                                f"{fallback} (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
+
+
 def writable_dir(path_text: str, flag: str) -> Path:
     """Create the folder if needed and prove it can be written, before any long work starts."""
     folder = Path(path_text)
@@ -850,6 +860,7 @@ class TrainingRun(Steps):
             torch_dist.init_process_group("nccl" if cuda else "gloo")
         else:
             self.device = pick_device(cfg.device)
+        check_triton_flags(cfg, self.device)  # the panels sample with them
         self.batch_size, self.exit_code = cfg.batch_size // self.world, None
         self.read_every = 10 if self.device.type == "cuda" else 1  # reading a loss waits for the GPU: not every step
         self.out = writable_dir(cfg.out_dir, "--out-dir")
@@ -885,12 +896,11 @@ class TrainingRun(Steps):
         self.model, self.ema, self.opt = model, ema, opt
         digits, centre = data.test[:10].to(self.device), centre_mask(cfg.hole).to(self.device)
         self.panel = lambda path: save_panel(ema or model, sched, cfg, digits, centre, path)
-        rank_seed = cfg.seed + 1000 * self.rank  # each rank its own digits and noise
-        self.data_gen = torch.Generator().manual_seed(rank_seed)
-        self.noise_gen = torch.Generator(self.device).manual_seed(rank_seed + 1)
+        self.seed = cfg.seed + 1000 * self.rank  # each rank its own digits and noise
+        super().start(model, ema, opt, data, sched)
         self.elapsed_before = 0.0
         if cfg.resume:
-            self.resume(rank_seed)
+            self.resume()
         self.start_step = self.saved_at = self.step
         self.t0, self.loss_ema, self.stop_votes, self.losses = time.time(), 0.0, 0, []
         self.log(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter U-Net on {data.name} "
@@ -908,7 +918,7 @@ class TrainingRun(Steps):
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def resume(self, rank_seed: int) -> None:
+    def resume(self) -> None:
         """Weights, optimizer, step and each rank's generators from <out-dir>/last.pt, whose model it must be."""
         ckpt = load_checkpoint(self.path)
         differ = [f"--{k.replace('_', '-')} {ckpt['config'].get(k, getattr(Options, k))}" for k in MODEL_FIELDS
@@ -929,12 +939,16 @@ class TrainingRun(Steps):
             else:  # another number of processes: no rank's draws continue; reseed from (seed, rank, step)
                 self.log(f"note: {self.path} was written by {len(by_rank)} process(es), this run has {self.world}: "
                          "the batches are reseeded, so the run will not repeat an uninterrupted one bit for bit")
-                self.data_gen.manual_seed(rank_seed + 7919 * self.step)
-                self.noise_gen.manual_seed(rank_seed + 7919 * self.step + 1)
+                self.data_gen.manual_seed(self.seed + 7919 * self.step)
+                self.noise_gen.manual_seed(self.seed + 7919 * self.step + 1)
         except Exception as e:  # a file that loads but does not fit: damaged
             raise UserError(f"cannot resume from {self.path} ({type(e).__name__}: it is damaged); drop --resume or "
                             "train into a new --out-dir") from e
         self.log(f"resumed from {self.path} at step {self.step}")
+
+    def elapsed(self) -> float:
+        """Seconds of training, those of the runs this one resumed included."""
+        return self.elapsed_before + time.time() - self.t0
 
     def keep_going(self) -> bool:
         """Every rank must stop at the same step: a signal on any rank stops them all. Over several GPUs the
@@ -999,7 +1013,7 @@ class TrainingRun(Steps):
         if self.rank == 0:
             save_checkpoint(self.path, {
                 "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": self.step, "config": asdict(self.cfg),
-                "elapsed_s": self.elapsed_before + time.time() - self.t0, "world_size": self.world,
+                "elapsed_s": self.elapsed(), "world_size": self.world,
                 "rank_weight_gap": gap, "model": self.model.state_dict(),
                 "ema": None if self.ema is None else self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "rng": {"by_rank": by_rank},  # each rank's generators
@@ -1016,7 +1030,7 @@ class TrainingRun(Steps):
             return
         if self.rank == 0:
             self.panel(self.out / "panel_final.png")
-        self.log(f"done: {self.step} steps in {self.elapsed_before + time.time() - self.t0:.0f} s; checkpoint "
+        self.log(f"done: {self.step} steps in {self.elapsed():.0f} s; checkpoint "
                  f"{self.path}, panels in {self.out}/")
         self.exit_code = 0
 
@@ -1085,17 +1099,10 @@ def all_samples(model, sched: Schedule, x0, known_mask, cfg: Options, device: to
                 at_once: bool | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """cfg.num_samples samples of every digit x0 (N, 1, H, W), sample k of digit i keyed (i, k), and each one's
     seconds. On CUDA (at_once) a digit batch's samples go in one sampler call of K times the batch, a K-th of
-    the launches, and each sample is timed as a K-th of the total; elsewhere a pass per sample, as Part I."""
+    the launches, each timed as its share of the call; elsewhere a call per sample, as Part I."""
     K, indices, samples, seconds = cfg.num_samples, list(range(len(x0))), [], []
-    if not (device.type == "cuda" if at_once is None else at_once):
-        for k in range(K):
-            t0 = time.time()
-            samples.append(inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, k, f"sample {k + 1}/{K}",
-                                          sampler))
-            seconds.append(time.time() - t0)
-        return samples, seconds
-    group, t0 = max(1, 4096 // cfg.batch_size), time.time()  # samples a call: up to 4,096 images a forward pass
-    for first in range(0, K, group):
+    group = max(1, 4096 // cfg.batch_size) if (device.type == "cuda" if at_once is None else at_once) else 1
+    for first in range(0, K, group):  # up to 4,096 images a forward pass
         ks = range(first, min(K, first + group))
 
         def together(model, sched, y, mask, keys, c, ks=ks):  # -> (B, len(ks), 1, H, W), stacked by inpaint_digits
@@ -1104,9 +1111,11 @@ def all_samples(model, sched: Schedule, x0, known_mask, cfg: Options, device: to
                           [(i, k) for k in ks for i, _ in keys], c)
             return out.reshape(n, *y.shape).transpose(0, 1)
 
-        samples += inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, 0,
-                                  f"samples {ks[0] + 1}-{ks[-1] + 1}/{K}", together).unbind(1)
-    return samples, [(time.time() - t0) / K] * K
+        t0 = time.time()
+        label = f"sample {first + 1}/{K}" if len(ks) == 1 else f"samples {first + 1}-{ks[-1] + 1}/{K}"
+        samples += inpaint_digits(model, sched, x0, indices, known_mask, cfg, device, 0, label, together).unbind(1)
+        seconds += [(time.time() - t0) / len(ks)] * len(ks)
+    return samples, seconds
 
 
 _GRAPHS: dict[tuple, tuple] = {}  # (model, shapes, settings) -> (graph, model, static inputs..., static output)
@@ -1223,8 +1232,7 @@ def training_holes(cfg: Options):
     if cfg.train_mask == "centre":
         return None
     sides, centre = box_sides(cfg.train_box_sides), centre_mask(cfg.hole)
-    return lambda x0, gen: to_device(random_masks(cfg.train_mask, gen, len(x0), centre, cfg.train_mask_centre, sides),
-                                     x0.device)
+    return lambda x0, gen: random_masks(cfg.train_mask, gen, len(x0), centre, cfg.train_mask_centre, sides)
 
 
 def unseen_holes(known_mask: torch.Tensor, trained: Options) -> str:
@@ -1585,7 +1593,8 @@ def prepare_inference(cfg: Options, explicit: set[str], n: int) -> SimpleNamespa
         path = Path(Options.out_dir) / "last.pt"  # what `make train` wrote: `sample --out-dir X` draws into X
     ckpt = load_checkpoint(path)
     stored = ckpt["config"]
-    ignored = [f"--{k.replace('_', '-')}" for k in MODEL_FIELDS if k in explicit and getattr(cfg, k) != stored.get(k)]
+    ignored = [f"--{k.replace('_', '-')}" for k in MODEL_FIELDS
+               if k in explicit and getattr(cfg, k) != stored.get(k, getattr(Options, k))]
     if ignored:
         print(f"note: the checkpoint defines the model; ignoring {', '.join(ignored)}")
     try:  # a config that no flags could give, or weights that do not fit it, are not this code's checkpoint
@@ -1599,11 +1608,7 @@ def prepare_inference(cfg: Options, explicit: set[str], n: int) -> SimpleNamespa
     if trained.hole != cfg.hole:
         print(f"note: the model was trained with --hole {trained.hole}; inpainting --hole {cfg.hole}")
     device = pick_device(cfg.device)
-    if not (kernels.HAVE_TRITON and (device.type == "cuda" or kernels.interpreting())):  # refused before any work
-        for flag, fallback in (("backend", "auto or torch"), ("noise", "auto or cpu")):
-            if getattr(cfg, flag) in ("triton", "philox"):
-                raise UserError(f"--{flag} {getattr(cfg, flag)} needs Triton on a CUDA GPU, not {device}; use --{flag} "
-                                f"{fallback} (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter)", 2)
+    check_triton_flags(cfg, device)
     data, names = load_data(cfg), None
     if cfg.images:
         x0, names = load_images(cfg.images, cfg.invert)

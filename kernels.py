@@ -762,7 +762,7 @@ def _time_providers(label: str, dtype, providers: dict, device, copy_gbps: float
     """Time each provider; print and return one row per provider."""
     timed = time_side_by_side({name: fn for name, (fn, _) in providers.items()}, device)
     rows = []
-    for name, (fn, nbytes) in providers.items():
+    for name, (_, nbytes) in providers.items():
         ms, p20, p80 = timed[name]
         rows.append(dict(size=label, dtype=str(dtype).removeprefix("torch."), provider=name, ms=ms, ms_p20=p20,
                          ms_p80=p80, GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / copy_gbps))

@@ -12,7 +12,6 @@ the learning-rate schedule following the fraction of the budget used.
 """
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,9 +31,6 @@ class BudgetRun(di.TrainingRun):
     def __init__(self, cfg, minutes: float):
         super().__init__(cfg)
         self.budget_s = 60.0 * minutes
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.time() - self.t0
 
     def progress(self) -> float:
         return min(1.0, self.elapsed() / self.budget_s)

@@ -1091,8 +1091,9 @@ def test_train_hands_its_run_the_pieces_and_asks_for_holes_and_a_loss_check_ever
 def test_try_it_trains_300_steps_warming_up_a_quarter_of_them_at_most_100_into_outputs_try_it(tmp_path, monkeypatch):
     made = []
 
-    def train(cfg):
+    def train(cfg, data):
         made.append(cfg)
+        assert data.name == "mnist5k"
         return di.build_model(cfg)
 
     monkeypatch.setattr(di, "train", train)

@@ -290,6 +290,10 @@ def test_gpu_kernel_options_on_the_cpu_are_refused_before_any_work(flag, trained
                env={"TRITON_INTERPRET": "0"})
     assert_one_line_error(proc, 2, flag[0], flag[1])
     assert not (tmp_path / "inpaint_metrics.json").exists()
+    # train too: its panels sample with the same flags, and would fail only at the first panel
+    proc = cli("train", *TINY, "--device", "cpu", *flag, "--out-dir", tmp_path / "run", env={"TRITON_INTERPRET": "0"})
+    assert_one_line_error(proc, 2, flag[0], flag[1])
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_mask_without_hole_is_refused(trained, tmp_path):
