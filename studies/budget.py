@@ -39,10 +39,10 @@ class BudgetRun(di.TrainingRun):
         self.stop_votes, time_up = self.all_sum([float(bool(self.stop)), float(self.elapsed() >= self.budget_s)])
         return not (self.stop_votes or time_up)
 
-    def start(self, *args) -> torch.nn.Module:
-        net = super().start(*args)
+    def start(self, *args):
+        step = super().start(*args)
         self.bar.total = None  # counted in steps, bounded by the clock
-        return net
+        return step
 
 
 def shifted_whole(x0: torch.Tensor, gen: torch.Generator, most: int) -> torch.Tensor:

@@ -341,9 +341,17 @@ def test_ema_update_is_d_ema_plus_one_minus_d_p_with_its_warm_up(step):
     before = [p.detach().clone() for p in ema.parameters()]
     decay = 0.999
     d = min(decay, (1 + step) / (10 + step))  # the warm-up: d grows as (1 + step) / (10 + step)
-    di.ema_update(ema, model, decay, step)
+    assert di.ema_weight(step, di.Config(ema_decay=decay)) == 1 - d
+    di.ema_update(ema, model, di.ema_weight(step, di.Config(ema_decay=decay)))
     for e, e0, p in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e, d * e0 + (1 - d) * p, atol=1e-7, rtol=0, msg=lambda m: f"step {step}: {m}")
+    # The weight as a 0-dim tensor per parameter (how a CUDA graph passes it) moves the EMA to the same bits.
+    again = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for a, e0 in zip(again.parameters(), before):
+            a.copy_(e0)
+    di.ema_update(again, model, [torch.tensor(1 - d)] * 2)
+    assert all(torch.equal(a, e) for a, e in zip(again.parameters(), ema.parameters())), f"step {step}"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -832,16 +840,19 @@ def test_train_is_algorithm_1_step_by_step(ema_decay, grad_clip):
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         if ema is not None:
-            di.ema_update(ema, model, ema_decay, step)
+            di.ema_update(ema, model, 1 - min(ema_decay, (1 + step) / (10 + step)))  # the EMA, warming up
     for (name, a), b in zip((ema or model).named_parameters(), trained.parameters()):
         assert torch.equal(a, b), f"{name} differs from Algorithm 1 by hand"
     assert all(p.requires_grad == (ema is None) for p in trained.parameters()), "the frozen EMA, else the model"
 
 
-def test_the_plain_run_counts_steps_and_seeds_its_own_generators():
-    run = di.Steps(di.Config(steps=4, seed=3, batch_size=5))
-    model = torch.nn.Linear(1, 1)
-    assert run.start(model, None, None, tiny_data(), None) is model and run.batch_size == 5
+def test_the_plain_run_counts_steps_and_seeds_its_own_generators(monkeypatch):
+    cfg = di.Config(steps=4, seed=3, batch_size=5)
+    run, model, calls = di.Steps(cfg), torch.nn.Linear(1, 1), []
+    monkeypatch.setattr(di, "train_step", lambda *args: calls.append(args) or "loss")
+    step = run.start(model, "ema", "opt", tiny_data(), "sched")
+    assert step("x0", "mask", 0.1, 0.2) == "loss" and run.batch_size == 5
+    assert calls == [(model, model, "ema", "opt", "sched", cfg, run.noise_gen, "x0", "mask", 0.1, 0.2)]
     assert torch.equal(run.data_gen.get_state(), torch.Generator().manual_seed(3).get_state())
     assert torch.equal(run.noise_gen.get_state(), torch.Generator().manual_seed(4).get_state())
     seen = []

