@@ -765,6 +765,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device --device names, checked; a GPU it numbers becomes the current one, where CUDA graphs capture."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -773,6 +774,11 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {name!r} is not a device name; use auto, cpu or cuda", 2) from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu", 2)
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                            "from 0; use --device cuda", 2)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -1062,7 +1068,8 @@ def graphed_step(step: Callable, model: UNet, opt, gen: torch.Generator, batch_s
             with torch.cuda.graph(graph):
                 captured = step(x0, mask, lr, ema_w)
         except RuntimeError as e:
-            why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            cause = e.__context__ or e  # a failed step invalidates the capture, and ending it raises anew
+            why = (str(cause).splitlines() or [type(cause).__name__])[0][:100]
             raise UserError(f"could not capture the training step as a CUDA graph ({why}); train with "
                             "--no-cuda-graph") from e
         finally:
@@ -1086,7 +1093,7 @@ def graphed_step(step: Callable, model: UNet, opt, gen: torch.Generator, batch_s
             if loss is None:
                 loss = capture()
             graph.replay()
-            out = loss.clone()  # the next replay overwrites it
+            out = loss.detach().clone()  # the next replay overwrites it
         opt.param_groups[0]["lr"] = lr_now  # what the log and the checkpoints read
         return out
 

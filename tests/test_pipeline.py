@@ -341,6 +341,38 @@ def test_the_training_graph_replays_its_capture_with_each_steps_inputs(monkeypat
                                                                                    False, True)
 
 
+def test_a_capture_that_fails_names_its_cause_and_the_flag_that_trains_without(monkeypatch):
+    # A step that cannot be captured invalidates the capture, and ending it raises again: the user reads the
+    # first error, on one line, with the way out.
+    @contextmanager
+    def capture_that_ends_badly(graph):
+        try:
+            yield
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
+
+    def step(x0, mask, lr, ema_w):
+        if isinstance(lr, torch.Tensor) and opt.param_groups[0]["capturable"]:  # in the capture
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\ndetails")
+        return torch.zeros(())
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(register_generator_state=lambda g: None))
+    monkeypatch.setattr(torch.cuda, "graph", capture_that_ends_badly)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    graphed = di.graphed_step(step, model, opt, torch.Generator(), 4, eager=1)
+    graphed(torch.zeros(4, 1, 32, 32), torch.ones(1, 1, 32, 32), 0.1, 0.01)
+    with pytest.raises(di.UserError, match=r"^could not capture the training step as a CUDA graph \(CUDA error: "
+                                           r"operation not permitted when stream is capturing\); train with "
+                                           r"--no-cuda-graph$"):
+        graphed(torch.zeros(4, 1, 32, 32), torch.ones(1, 1, 32, 32), 0.1, 0.01)
+    assert opt.param_groups[0]["capturable"] is False and torch.is_autocast_cache_enabled()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host waits only where there is a GPU")
 @pytest.mark.parametrize("cuda_graph", [True, False])
 def test_training_steps_on_cuda_never_wait_for_the_gpu(tmp_path, cuda_graph):
@@ -493,7 +525,8 @@ def test_train_sample_eval_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("train_mask", ["centre", "free"])
 def test_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch, train_mask):
-    args = [*TINY, "--train-mask", train_mask]  # random holes are drawn from the resumed batch generator
+    # on the CPU: bit for bit (on a GPU, the CUDA-only test_cuda_graph_training_follows_the_eager_loop resumes)
+    args = [*TINY, "--train-mask", train_mask, "--device", "cpu"]  # random holes come from the resumed generator
     run_cli("train", *args, "--steps", "6", out_dir=tmp_path / "straight")
 
     ema_update, updates = di.ema_update, []

@@ -76,11 +76,24 @@ def trained(tmp_path_factory):
     (["--ema-decay", "1"], "--ema-decay"),
     (["--ema-decay", "-0.1"], "--ema-decay"),
     (["--ch-mult", "1,x"], "--ch-mult"),
+    (["--device", "gpu0"], "--device"),
+    (["--device", "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"], "--device"),
 ])
 def test_bad_flag_is_a_usage_error(args, flag, tmp_path):
     proc = cli("train", *args, "--out-dir", tmp_path)
     assert_one_line_error(proc, 2, flag)
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_numbered_gpu_is_checked_and_made_current_for_its_cuda_graphs(monkeypatch):
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert di.pick_device("cuda") == torch.device("cuda") and made_current == []  # the current one already
+    assert di.pick_device("cuda:1") == torch.device("cuda", 1) and made_current == [torch.device("cuda", 1)]
+    with pytest.raises(di.UserError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), numbered from 0"):
+        di.pick_device("cuda:2")
 
 
 def test_debug_shows_the_traceback():
